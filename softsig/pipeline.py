@@ -129,6 +129,9 @@ def train_chunk_body(
             images = augment(images, jax.vmap(functools.partial(jax.random.fold_in, step_key))(positions))
         return step_body(state, {"images": images, "labels": data.labels[index]}, axis_name=axis_name)
 
+    if num_steps == 1:  # no loop at all: XLA:CPU's slow path hits even a one-trip while loop
+        state, metrics = one_step(state, first_step)
+        return state, jax.tree.map(lambda x: x[None], metrics)
     return jax.lax.scan(one_step, state, first_step + jnp.arange(num_steps))
 
 
@@ -172,6 +175,7 @@ class Programs:
         eval_batch: int,
         norm: Normalization,
         use_augment: bool = False,
+        host_loop: bool | None = None,
     ):
         self.dp = dp
         self.global_batch = global_batch
@@ -180,6 +184,10 @@ class Programs:
         self._local_eval_batch = dp.check_batch_size(eval_batch, "eval_batch_size")
         self._norm = Normalization(*(np.asarray(x, np.float32) for x in norm))
         self._use_augment = use_augment
+        # XLA:CPU runs convolution gradients inside a while loop ~50x slower than outside one
+        # (jax#12868; measured in BUILD_NOTES.md), so on CPU a chunk is a host loop of one-step
+        # calls on the device-resident data. Elsewhere it is one lax.scan.
+        self.host_loop = jax.default_backend() == "cpu" if host_loop is None else host_loop
         self._step_body = functools.partial(train.train_step_body, graphdef=graphdef, tx=tx, loss=loss)
         self._sums_body = functools.partial(train.eval_sums_body, graphdef=graphdef, loss=loss)
         self._chunks: dict[int, Callable] = {}
@@ -204,6 +212,12 @@ class Programs:
         self, state: train.TrainState, data: DeviceDataset, epoch: int, first_step: int, num_steps: int
     ) -> tuple[train.TrainState, train.Metrics]:
         """Runs ``num_steps`` steps (state donated); metrics stay on device, stacked per step."""
+        if self.host_loop and num_steps > 1:
+            per_step = []
+            for offset in range(num_steps):
+                state, metrics = self.train_chunk(state, data, epoch, first_step + offset, 1)
+                per_step.append(metrics)
+            return state, jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=-1), *per_step)
         if num_steps not in self._chunks:
             body = functools.partial(
                 self._traced(train_chunk_body),

@@ -87,6 +87,7 @@ def make_programs(dp, use_augment=False):
 def test_scanned_chunk_equals_single_steps():
     dp = parallel.make_parallel("none")
     programs, state, data, _ = make_programs(dp, use_augment=True)
+    programs.host_loop = False
     scanned, metrics = programs.train_chunk(state, data, epoch=0, first_step=0, num_steps=4)
     _, state, _, _ = make_programs(dp, use_augment=True)
     single_metrics = []
@@ -130,3 +131,21 @@ def test_steps_per_epoch_drops_the_partial_batch():
     assert pipeline.steps_per_epoch(50_000, 128) == 390
     with pytest.raises(ValueError, match="exceeds"):
         pipeline.steps_per_epoch(10, 16)
+
+
+@pytest.mark.parametrize("mode", ["none", "pmap", "shard_map"])
+def test_host_loop_chunk_equals_scanned_chunk(mode):
+    dp = parallel.make_parallel(mode)
+    programs, state, data, _ = make_programs(dp)
+    programs.host_loop = False
+    scanned, scanned_metrics = programs.train_chunk(state, data, epoch=0, first_step=1, num_steps=3)
+    programs, state, data, _ = make_programs(dp)
+    programs.host_loop = True
+    looped, looped_metrics = programs.train_chunk(state, data, epoch=0, first_step=1, num_steps=3)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+        dp.get(scanned, REPLICATED), dp.get(looped, REPLICATED),
+    )
+    scanned_metrics, looped_metrics = dp.get(scanned_metrics, REPLICATED), dp.get(looped_metrics, REPLICATED)
+    assert looped_metrics["loss"].shape == (3,)
+    np.testing.assert_allclose(looped_metrics["loss"], scanned_metrics["loss"], rtol=1e-6)

@@ -1,0 +1,258 @@
+"""``train_and_evaluate``: the loop that ties config, data, devices, steps and checkpoints together.
+
+A run, as data: ``Config`` (validated) -> uint8 splits (loaded once) -> full copies on the
+devices -> restore or initialise the state -> per dispatch a scanned chunk of train steps
+-> stacked metrics to ``metrics.jsonl`` -> checkpoints -> a full test-set eval per epoch.
+
+Dispatch boundaries are a fixed function of the step (multiples of ``steps_per_dispatch``
+and ``checkpoint_every_steps``, and epoch ends), and every checkpoint sits on one. A run
+resumed from any checkpoint therefore replays exactly the dispatches of a run never
+interrupted and ends with bit-identical state and metrics on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from softsig import checkpoint as checkpoint_lib
+from softsig import data as data_lib
+from softsig import metrics as metrics_lib
+from softsig import models, parallel, pipeline, train
+from softsig.config import Config, check_resumable, check_workdir
+from softsig.losses import get_loss
+from softsig.parallel import REPLICATED
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a terminated job
+
+
+class Preempted(Exception):
+    """The run saved a checkpoint and stopped because it was asked to (SIGTERM or the cluster)."""
+
+
+def default_compilation_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "softsig", "jax-compilation-cache")
+
+
+def enable_compilation_cache(directory: str | None = None) -> None:
+    """Turns on JAX's persistent compilation cache unless the user already chose a directory."""
+    if jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", directory or default_compilation_cache_dir())
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def next_boundary(step: int, steps_per_epoch: int, config: Config) -> int:
+    """The next step at which a dispatch ends (a pure function of ``step``)."""
+    candidates = [
+        (step // steps_per_epoch + 1) * steps_per_epoch,
+        (step // config.steps_per_dispatch + 1) * config.steps_per_dispatch,
+        (step // config.checkpoint_every_steps + 1) * config.checkpoint_every_steps,
+    ]
+    return min(candidates)
+
+
+def model_config_for(config: Config, info: data_lib.DatasetInfo) -> models.ModelConfig:
+    return models.ModelConfig(
+        image_shape=tuple(info.image_shape),
+        num_classes=info.num_classes,
+        conv_blocks=config.conv_block_widths(),
+        dense_features=config.dense_widths(),
+        dropout_rate=config.dropout_rate,
+        compute_dtype=config.compute_dtype,
+    )
+
+
+def run_description(config: Config, info: data_lib.DatasetInfo, dp: parallel.DataParallel) -> dict[str, Any]:
+    """What ``config.json`` records: every setting, the versions and the devices."""
+    import flax
+    import optax
+    import orbax.checkpoint
+    import tensorflow_datasets
+
+    return {
+        "config": config.to_dict(),
+        "dataset": {
+            "name": info.name,
+            "synthetic": info.synthetic,
+            "num_classes": info.num_classes,
+            "image_shape": list(info.image_shape),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+            "flax": flax.__version__,
+            "optax": optax.__version__,
+            "orbax_checkpoint": orbax.checkpoint.__version__,
+            "tensorflow_datasets": tensorflow_datasets.__version__,
+            "numpy": np.__version__,
+        },
+        "devices": {
+            "platform": jax.default_backend(),
+            "process_count": jax.process_count(),
+            "used": dp.num_devices,
+            "kinds": sorted({d.device_kind for d in dp.devices}),
+            "host": platform.node(),
+        },
+    }
+
+
+@contextlib.contextmanager
+def _sigterm_flag():
+    """Yields an Event set on SIGTERM (main thread only; elsewhere the event is never set)."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: event.set())
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def train_and_evaluate(config: Config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]:
+    """Trains and evaluates per ``config`` in ``workdir``, resuming from its checkpoints.
+
+    Returns the last evaluation record (test loss, accuracy and error rate at the end).
+    Raises ``Preempted`` after saving on SIGTERM, ``NonFiniteLossError`` on a NaN/Inf loss,
+    ``ConfigError``/``DataNotFoundError`` on bad input (before anything is compiled).
+    """
+    config.validate()
+    workdir = check_workdir(workdir)
+    config_path = os.path.join(workdir, "config.json")
+    check_resumable(config, config_path)
+    info = data_lib.dataset_info(config.dataset, config.data_dir)
+    dp = parallel.make_parallel(config.parallel, config.num_devices or None)
+    config.check_devices(dp.num_devices)
+    is_main = jax.process_index() == 0
+    if is_main:
+        with open(config_path + ".tmp", "w") as f:
+            json.dump(run_description(config, info, dp), f, indent=2, sort_keys=True)
+        os.replace(config_path + ".tmp", config_path)
+
+    train_split = data_lib.load_split(config.dataset, config.train_split, data_dir=config.data_dir, seed=config.seed)
+    test_split = data_lib.load_split(config.dataset, config.test_split, data_dir=config.data_dir, seed=config.seed)
+    steps_per_epoch = pipeline.steps_per_epoch(train_split.num_examples, config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
+    norm = pipeline.normalization_from(train_split.images)
+
+    model_config = model_config_for(config, info)
+    tx = train.make_optimizer(config.optimizer, config.learning_rate, config.momentum)
+    graphdef, fresh_state = train.init_train_state(model_config, tx, config.seed)
+    host_state = jax.tree.map(np.asarray, fresh_state)
+    checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+    progress = metrics_lib.Progress(total_steps, enabled=show_progress and is_main)
+    epoch_sums = {"loss": 0.0, "accuracy": 0.0, "steps": 0}
+    last_eval: dict[str, Any] = {}
+
+    restored = checkpointer.restore_latest(host_state._asdict())
+    step = 0
+    if restored is not None:
+        step, state_dict, meta = restored
+        host_state = train.TrainState(**state_dict)
+        epoch_sums = meta["epoch_sums"]
+        last_eval = meta.get("last_eval", {})
+        progress.message(f"Resuming {workdir} from step {step} (epoch {step / steps_per_epoch:.2f}).")
+    writer.truncate_after(step)
+    if step >= total_steps:
+        progress.message(f"Run in {workdir} already finished ({total_steps} steps); nothing to do.")
+        checkpointer.close()
+        return last_eval
+
+    label = " [SYNTHETIC DATA]" if info.synthetic else ""
+    progress.message(
+        f"Training {config.loss} on {info.name}{label}: {train_split.num_examples} train / "
+        f"{test_split.num_examples} test examples, {config.epochs} epochs x {steps_per_epoch} steps, "
+        f"batch {config.batch_size} on {dp.num_devices} {jax.default_backend()} device(s) ({config.parallel})."
+    )
+    programs = pipeline.Programs(
+        dp, graphdef, tx, get_loss(config.loss),
+        global_batch=config.batch_size, eval_batch=config.eval_batch_size, norm=norm, use_augment=config.augment,
+    )
+    state = dp.put(host_state, REPLICATED)
+    train_data = pipeline.put_dataset(dp, train_split.images, train_split.labels)
+    test_data = pipeline.put_dataset(dp, test_split.images, test_split.labels, pad_multiple=config.eval_batch_size)
+
+    def save(step, state, test_accuracy=None):
+        meta = {"step": step, "epoch_sums": epoch_sums, "last_eval": last_eval}
+        checkpointer.save(step, dp.get(state, REPLICATED)._asdict(), meta, test_accuracy=test_accuracy)
+
+    try:
+        with _sigterm_flag() as sigterm:
+            while step < total_steps:
+                epoch, step_in_epoch = divmod(step, steps_per_epoch)
+                num_steps = next_boundary(step, steps_per_epoch, config) - step
+                start_time = time.perf_counter()
+                state, chunk_metrics = programs.train_chunk(state, train_data, epoch, step_in_epoch, num_steps)
+                chunk_metrics = dp.get(chunk_metrics, REPLICATED)  # waits for the chunk
+                seconds = time.perf_counter() - start_time
+                metrics_lib.check_finite(chunk_metrics["loss"], step)
+                step += num_steps
+                images_per_second = num_steps * config.batch_size / seconds
+                epoch_sums = {
+                    "loss": epoch_sums["loss"] + float(np.sum(chunk_metrics["loss"], dtype=np.float64)),
+                    "accuracy": epoch_sums["accuracy"] + float(np.sum(chunk_metrics["accuracy"], dtype=np.float64)),
+                    "steps": epoch_sums["steps"] + num_steps,
+                }
+                writer.write({
+                    "step": step,
+                    "epoch": step / steps_per_epoch,
+                    "train_loss": float(np.mean(chunk_metrics["loss"], dtype=np.float64)),
+                    "train_accuracy": float(np.mean(chunk_metrics["accuracy"], dtype=np.float64)),
+                    "grad_norm": float(np.mean(chunk_metrics["grad_norm"], dtype=np.float64)),
+                    "images_per_second": images_per_second,
+                    "dispatch_seconds": seconds,
+                })
+                progress.update(step, epoch, float(chunk_metrics["loss"][-1]), images_per_second)
+
+                test_accuracy = None
+                if step % steps_per_epoch == 0:
+                    last_eval = _evaluate_epoch(programs, state, test_data, step, steps_per_epoch, epoch_sums)
+                    epoch_sums = {"loss": 0.0, "accuracy": 0.0, "steps": 0}
+                    test_accuracy = last_eval["test_accuracy"]
+                    writer.write(last_eval)
+                    progress.message(
+                        f"epoch {last_eval['epoch']:.0f}: train_loss {last_eval['train_loss']:.4f} "
+                        f"test_loss {last_eval['test_loss']:.4f} test_error_rate {last_eval['test_error_rate']:.4f}"
+                    )
+                preempted = sigterm.is_set() or checkpointer.reached_preemption(step)
+                if step % config.checkpoint_every_steps == 0 or test_accuracy is not None or preempted:
+                    save(step, state, test_accuracy)
+                if preempted:
+                    checkpointer.wait()
+                    raise Preempted(f"preempted: saved a checkpoint at step {step} in {workdir}; rerun to resume.")
+    finally:
+        progress.close()
+        checkpointer.close()
+        writer.close()
+    return last_eval
+
+
+def _evaluate_epoch(programs, state, test_data, step, steps_per_epoch, epoch_sums) -> dict[str, Any]:
+    start_time = time.perf_counter()
+    result = programs.evaluate(state, test_data)
+    return {
+        "step": step,
+        "epoch": step / steps_per_epoch,
+        "train_loss": epoch_sums["loss"] / max(epoch_sums["steps"], 1),
+        "train_accuracy": epoch_sums["accuracy"] / max(epoch_sums["steps"], 1),
+        "test_loss": result["loss"],
+        "test_accuracy": result["accuracy"],
+        "test_error_rate": result["error_rate"],
+        "test_examples": result["count"],
+        "eval_seconds": time.perf_counter() - start_time,
+    }

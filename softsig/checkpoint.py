@@ -47,6 +47,7 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, meta: dict, *, test_accuracy: float | None = None) -> None:
         """Starts an async save of ``state`` (host arrays) at ``step``; also as best if it improves."""
+        state = jax.tree.map(np.asarray, state)  # numpy scalars (np.int32) are not storable, 0-d arrays are
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         if step not in self._latest.all_steps():
             self._latest.save(step, args=args)
@@ -57,6 +58,7 @@ class Checkpointer:
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
         """``(step, state, meta)`` of the newest checkpoint that restores, or None if there is none."""
+        abstract_state = jax.tree.map(np.asarray, abstract_state)
         for step in sorted(self._latest.all_steps(), reverse=True):
             try:
                 restored = self._latest.restore(

@@ -99,7 +99,7 @@ class DataParallel:
             return np.asarray(value)
         if kind == REPLICATED:
             local = np.asarray(value.addressable_data(0))
-            return local[0] if self.mode == "pmap" else local
+            return np.asarray(local[0]) if self.mode == "pmap" else local
         if kind == SHARDED:
             if jax.process_count() > 1:
                 from jax.experimental import multihost_utils

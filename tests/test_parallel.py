@@ -107,5 +107,7 @@ def test_put_get_round_trip():
     batch = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)
     for mode in parallel.MODES:
         dp = parallel.make_parallel(mode)
-        jax.tree.map(np.testing.assert_array_equal, dp.get(dp.put(tree, REPLICATED), REPLICATED), tree)
+        back = dp.get(dp.put(tree, REPLICATED), REPLICATED)
+        jax.tree.map(np.testing.assert_array_equal, back, tree)
+        assert all(type(leaf) is np.ndarray for leaf in jax.tree.leaves(back))  # orbax rejects np.int32 scalars
         np.testing.assert_array_equal(dp.get(dp.put(batch, SHARDED), SHARDED), batch)

@@ -38,6 +38,7 @@ _HELP = {
     "learning_rate": "Learning rate.",
     "momentum": "SGD momentum (0 disables it).",
     "seed": "Seed for the initialisation, the epoch order and augmentation.",
+    "num_seeds": "Train seeds seed..seed+N-1 together as one vmapped program (metrics become per-seed lists).",
     "parallel": f"Data parallelism: one of {', '.join(config_lib.PARALLEL_MODES)}.",
     "num_devices": "Devices to use (0: all).",
     "augment": "Random crop (4-pixel padding) and horizontal flip, on device.",
@@ -100,6 +101,13 @@ def run_main(body):
         sys.exit(PREEMPTED_EXIT_CODE)
 
 
+def _fmt(value) -> str:
+    """A float, or a per-seed list as 'mean [v1 v2 ...]'."""
+    if isinstance(value, list):
+        return f"{sum(value) / len(value):.4f} [" + " ".join(f"{v:.4f}" for v in value) + "]"
+    return f"{value:.4f}"
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -113,10 +121,8 @@ def main(argv):
 
         final = train_and_evaluate(config, flags.FLAGS.workdir)
         if final:
-            print(
-                f"final: test_error_rate {final['test_error_rate']:.4f} test_accuracy {final['test_accuracy']:.4f} "
-                f"test_loss {final['test_loss']:.4f} (step {final['step']})"
-            )
+            print("final: " + " ".join(f"{name} {_fmt(final[name])}" for name in (
+                "test_error_rate", "test_accuracy", "test_loss")) + f" (step {final['step']})")
 
     run_main(body)
 

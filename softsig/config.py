@@ -19,7 +19,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 
 # Settings that fix the shapes of the model or optimizer state: changing one against an
 # existing workdir cannot resume, so it is an error rather than a restore crash.
-SHAPE_FIELDS = ("dataset", "conv_blocks", "dense_features", "optimizer", "momentum_enabled")
+SHAPE_FIELDS = ("dataset", "conv_blocks", "dense_features", "optimizer", "momentum_enabled", "num_seeds")
 
 
 class ConfigError(ValueError):
@@ -42,6 +42,7 @@ class Config:
     learning_rate: float = 1e-3
     momentum: float = 0.9
     seed: int = 0
+    num_seeds: int = 1  # seeds seed, seed+1, ... trained together as one vmapped program
     parallel: str = "shard_map"
     num_devices: int = 0  # 0: every device
     augment: bool = False
@@ -72,7 +73,7 @@ class Config:
         if not self.dataset or not re.fullmatch(r"[a-z0-9_]+(/[\w.-]+)?(:[\w.*]+)?", self.dataset):
             raise ConfigError(f"--dataset={self.dataset!r} is not a dataset name (e.g. cifar10, mnist, synthetic).")
         for name in ("epochs", "batch_size", "eval_batch_size", "steps_per_dispatch", "checkpoint_every_steps",
-                     "keep_checkpoints"):
+                     "keep_checkpoints", "num_seeds"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ConfigError(f"--{name}={getattr(self, name)!r} must be a positive integer.")
         if not self.learning_rate > 0:

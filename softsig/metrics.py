@@ -17,12 +17,13 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or Inf."""
 
 
-def check_finite(losses: Any, first_step: int) -> None:
-    """Raises ``NonFiniteLossError`` naming the first step whose loss is not finite."""
+def check_finite(losses: Any, first_step: int, seed: int | None = None) -> None:
+    """Raises ``NonFiniteLossError`` naming the first step (and seed) whose loss is not finite."""
     for offset, value in enumerate(losses):
         if not math.isfinite(float(value)):
+            where = f"step {first_step + offset + 1}" + ("" if seed is None else f" (seed {seed})")
             raise NonFiniteLossError(
-                f"training loss is {float(value)} at step {first_step + offset + 1}; stopping. "
+                f"training loss is {float(value)} at {where}; stopping. "
                 "Checkpoints written before it are untouched (try a lower --learning_rate)."
             )
 

@@ -176,6 +176,7 @@ class Programs:
         norm: Normalization,
         use_augment: bool = False,
         host_loop: bool | None = None,
+        vmap_seeds: bool = False,
     ):
         self.dp = dp
         self.global_batch = global_batch
@@ -190,10 +191,13 @@ class Programs:
         self.host_loop = jax.default_backend() == "cpu" if host_loop is None else host_loop
         self._step_body = functools.partial(train.train_step_body, graphdef=graphdef, tx=tx, loss=loss)
         self._sums_body = functools.partial(train.eval_sums_body, graphdef=graphdef, loss=loss)
+        # With vmap_seeds the state has a leading seed axis: several independent runs (own
+        # init, data order, augmentation) trained as one program over the shared device data.
+        self.vmap_seeds = vmap_seeds
         self._chunks: dict[int, Callable] = {}
         self.trace_count = 0  # incremented at trace time: tests assert no recompiles
         eval_fn = functools.partial(self._traced(eval_body), **self._eval_kwargs())
-        self._evaluate = dp.compile(eval_fn, (REPLICATED, REPLICATED), REPLICATED)
+        self._evaluate = dp.compile(self._over_seeds(eval_fn, 2), (REPLICATED, REPLICATED), REPLICATED)
 
     def _traced(self, fn):
         @functools.wraps(fn)
@@ -202,6 +206,18 @@ class Programs:
             return fn(*args, **kwargs)
 
         return wrapper
+
+    def _over_seeds(self, per_device_fn, num_args):
+        """``per_device_fn`` vmapped over the seed axis of its first argument (the state/params)."""
+        if not self.vmap_seeds:
+            return per_device_fn
+
+        def mapped(*args, axis_name):
+            return jax.vmap(
+                functools.partial(per_device_fn, axis_name=axis_name), in_axes=(0,) + (None,) * (num_args - 1)
+            )(*args)
+
+        return mapped
 
     def _eval_kwargs(self):
         return dict(
@@ -229,7 +245,7 @@ class Programs:
                 step_body=self._step_body,
             )
             self._chunks[num_steps] = self.dp.compile(
-                body, (REPLICATED, REPLICATED, BROADCAST, BROADCAST), (REPLICATED, REPLICATED), donate_argnums=(0,)
+                self._over_seeds(body, 4), (REPLICATED, REPLICATED, BROADCAST, BROADCAST), (REPLICATED, REPLICATED), donate_argnums=(0,)
             )
         return self._chunks[num_steps](state, data, np.int32(epoch), np.int32(first_step))
 

@@ -143,20 +143,30 @@ def train_and_evaluate(config: Config, workdir: str, *, show_progress: bool = Tr
             json.dump(run_description(config, info, dp), f, indent=2, sort_keys=True)
         os.replace(config_path + ".tmp", config_path)
 
-    train_split = data_lib.load_split(config.dataset, config.train_split, data_dir=config.data_dir, seed=config.seed)
-    test_split = data_lib.load_split(config.dataset, config.test_split, data_dir=config.data_dir, seed=config.seed)
+    # The synthetic dataset is fixed (its own seed 0), not redrawn per training seed: seeds vary
+    # the init and the data order over the same data, as with a real dataset.
+    train_split = data_lib.load_split(config.dataset, config.train_split, data_dir=config.data_dir)
+    test_split = data_lib.load_split(config.dataset, config.test_split, data_dir=config.data_dir)
     steps_per_epoch = pipeline.steps_per_epoch(train_split.num_examples, config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     norm = pipeline.normalization_from(train_split.images)
 
     model_config = model_config_for(config, info)
     tx = train.make_optimizer(config.optimizer, config.learning_rate, config.momentum)
-    graphdef, fresh_state = train.init_train_state(model_config, tx, config.seed)
-    host_state = jax.tree.map(np.asarray, fresh_state)
+    seeds = list(range(config.seed, config.seed + config.num_seeds))
+    vmap_seeds = len(seeds) > 1
+    fresh_states = []
+    for seed in seeds:
+        graphdef, fresh_state = train.init_train_state(model_config, tx, seed)
+        fresh_states.append(jax.tree.map(np.asarray, fresh_state))
+    host_state = jax.tree.map(lambda *xs: np.stack(xs), *fresh_states) if vmap_seeds else fresh_states[0]
+    as_record = (lambda x: np.asarray(x).tolist()) if vmap_seeds else float  # per-seed lists, or scalars
     checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
     progress = metrics_lib.Progress(total_steps, enabled=show_progress and is_main)
-    epoch_sums = {"loss": 0.0, "accuracy": 0.0, "steps": 0}
+    zero_sums = {"loss": as_record(np.zeros(len(seeds))) if vmap_seeds else 0.0,
+                 "accuracy": as_record(np.zeros(len(seeds))) if vmap_seeds else 0.0, "steps": 0}
+    epoch_sums = zero_sums
     last_eval: dict[str, Any] = {}
 
     restored = checkpointer.restore_latest(host_state._asdict())
@@ -177,11 +187,13 @@ def train_and_evaluate(config: Config, workdir: str, *, show_progress: bool = Tr
     progress.message(
         f"Training {config.loss} on {info.name}{label}: {train_split.num_examples} train / "
         f"{test_split.num_examples} test examples, {config.epochs} epochs x {steps_per_epoch} steps, "
-        f"batch {config.batch_size} on {dp.num_devices} {jax.default_backend()} device(s) ({config.parallel})."
+        f"batch {config.batch_size} on {dp.num_devices} {jax.default_backend()} device(s) ({config.parallel})"
+        + (f", seeds {seeds[0]}..{seeds[-1]} vmapped." if vmap_seeds else ".")
     )
     programs = pipeline.Programs(
         dp, graphdef, tx, get_loss(config.loss),
         global_batch=config.batch_size, eval_batch=config.eval_batch_size, norm=norm, use_augment=config.augment,
+        vmap_seeds=vmap_seeds,
     )
     state = dp.put(host_state, REPLICATED)
     train_data = pipeline.put_dataset(dp, train_split.images, train_split.labels)
@@ -200,34 +212,40 @@ def train_and_evaluate(config: Config, workdir: str, *, show_progress: bool = Tr
                 state, chunk_metrics = programs.train_chunk(state, train_data, epoch, step_in_epoch, num_steps)
                 chunk_metrics = dp.get(chunk_metrics, REPLICATED)  # waits for the chunk
                 seconds = time.perf_counter() - start_time
-                metrics_lib.check_finite(chunk_metrics["loss"], step)
+                for seed, losses in zip(seeds, np.reshape(chunk_metrics["loss"], (len(seeds), -1))):
+                    metrics_lib.check_finite(losses, step, seed=seed if vmap_seeds else None)
                 step += num_steps
-                images_per_second = num_steps * config.batch_size / seconds
+                images_per_second = num_steps * config.batch_size * len(seeds) / seconds
+
+                def over_steps(name, reduce):  # per seed (last axis = steps), float64
+                    return reduce(np.asarray(chunk_metrics[name], np.float64), axis=-1)
+
                 epoch_sums = {
-                    "loss": epoch_sums["loss"] + float(np.sum(chunk_metrics["loss"], dtype=np.float64)),
-                    "accuracy": epoch_sums["accuracy"] + float(np.sum(chunk_metrics["accuracy"], dtype=np.float64)),
+                    "loss": as_record(np.asarray(epoch_sums["loss"]) + over_steps("loss", np.sum)),
+                    "accuracy": as_record(np.asarray(epoch_sums["accuracy"]) + over_steps("accuracy", np.sum)),
                     "steps": epoch_sums["steps"] + num_steps,
                 }
                 writer.write({
                     "step": step,
                     "epoch": step / steps_per_epoch,
-                    "train_loss": float(np.mean(chunk_metrics["loss"], dtype=np.float64)),
-                    "train_accuracy": float(np.mean(chunk_metrics["accuracy"], dtype=np.float64)),
-                    "grad_norm": float(np.mean(chunk_metrics["grad_norm"], dtype=np.float64)),
+                    "train_loss": as_record(over_steps("loss", np.mean)),
+                    "train_accuracy": as_record(over_steps("accuracy", np.mean)),
+                    "grad_norm": as_record(over_steps("grad_norm", np.mean)),
                     "images_per_second": images_per_second,
                     "dispatch_seconds": seconds,
                 })
-                progress.update(step, epoch, float(chunk_metrics["loss"][-1]), images_per_second)
+                progress.update(step, epoch, float(np.mean(chunk_metrics["loss"][..., -1])), images_per_second)
 
                 test_accuracy = None
                 if step % steps_per_epoch == 0:
                     last_eval = _evaluate_epoch(programs, state, test_data, step, steps_per_epoch, epoch_sums)
-                    epoch_sums = {"loss": 0.0, "accuracy": 0.0, "steps": 0}
-                    test_accuracy = last_eval["test_accuracy"]
+                    epoch_sums = zero_sums
+                    test_accuracy = float(np.mean(last_eval["test_accuracy"]))
                     writer.write(last_eval)
                     progress.message(
-                        f"epoch {last_eval['epoch']:.0f}: train_loss {last_eval['train_loss']:.4f} "
-                        f"test_loss {last_eval['test_loss']:.4f} test_error_rate {last_eval['test_error_rate']:.4f}"
+                        f"epoch {last_eval['epoch']:.0f}: " + " ".join(
+                            f"{name} {np.mean(last_eval[name]):.4f}" for name in ("train_loss", "test_loss", "test_error_rate")
+                        ) + (" (means over seeds)" if vmap_seeds else "")
                     )
                 preempted = sigterm.is_set() or checkpointer.reached_preemption(step)
                 if step % config.checkpoint_every_steps == 0 or test_accuracy is not None or preempted:
@@ -245,11 +263,14 @@ def train_and_evaluate(config: Config, workdir: str, *, show_progress: bool = Tr
 def _evaluate_epoch(programs, state, test_data, step, steps_per_epoch, epoch_sums) -> dict[str, Any]:
     start_time = time.perf_counter()
     result = programs.evaluate(state, test_data)
+    steps = max(epoch_sums["steps"], 1)
+    per_step = (lambda x: (np.asarray(x) / steps).tolist()) if isinstance(epoch_sums["loss"], list) else (
+        lambda x: x / steps)
     return {
         "step": step,
         "epoch": step / steps_per_epoch,
-        "train_loss": epoch_sums["loss"] / max(epoch_sums["steps"], 1),
-        "train_accuracy": epoch_sums["accuracy"] / max(epoch_sums["steps"], 1),
+        "train_loss": per_step(epoch_sums["loss"]),
+        "train_accuracy": per_step(epoch_sums["accuracy"]),
         "test_loss": result["loss"],
         "test_accuracy": result["accuracy"],
         "test_error_rate": result["error_rate"],

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -142,17 +143,13 @@ def eval_sums_body(
     return _psum(sums, axis_name)
 
 
-def summarize_eval(sums: Metrics, prefix: str = "") -> dict[str, float]:
-    """Host-side means from ``eval_sums_body`` totals."""
-    count = int(sums["count"])
-    loss_value = float(sums["loss_sum"]) / max(count, 1)
-    accuracy = int(sums["correct"]) / max(count, 1)
-    return {
-        f"{prefix}loss": loss_value,
-        f"{prefix}accuracy": accuracy,
-        f"{prefix}error_rate": 1.0 - accuracy,
-        f"{prefix}count": count,
-    }
+def summarize_eval(sums: Metrics, prefix: str = "") -> dict[str, Any]:
+    """Host-side means from ``eval_sums_body`` totals (floats, or lists with a seed axis)."""
+    count = np.asarray(sums["count"])
+    loss_value = np.asarray(sums["loss_sum"], np.float64) / np.maximum(count, 1)
+    accuracy = np.asarray(sums["correct"], np.float64) / np.maximum(count, 1)
+    values = {"loss": loss_value, "accuracy": accuracy, "error_rate": 1.0 - accuracy, "count": count}
+    return {f"{prefix}{name}": value.tolist() for name, value in values.items()}
 
 
 def make_train_step(

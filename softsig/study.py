@@ -1,0 +1,349 @@
+"""The sigmoid-MSE vs softmax-CE study: seeds x losses, statistics, plots and report.md.
+
+Each loss trains ``num_seeds`` seeds as one vmapped program (``Config.num_seeds``) in
+``workdir/<loss>``, with the full checkpoint/resume behaviour of a single run, so an
+interrupted comparison resumes where it stopped. Seeds are paired across losses: seed
+``s`` has the same initial parameters and data order under both heads, so the
+per-seed difference of final test errors is a paired sample.
+
+``results.json`` holds everything the report needs; ``write_report`` is a pure function
+of it, so ``--report_only`` regenerates identical plots and text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from softsig.config import Config, ConfigError
+from softsig.losses import LOSS_NAMES
+
+RESULTS_FILE = "results.json"
+REPORT_FILE = "report.md"
+PER_EPOCH_METRICS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "test_error_rate")
+LABELS = {"sigmoid_mse": "sigmoid + MSE", "softmax_cross_entropy": "softmax + CE"}
+COLORS = {"sigmoid_mse": "tab:orange", "softmax_cross_entropy": "tab:blue"}
+
+# Two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30 (standard tables).
+_T975 = (
+    12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
+    2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
+    2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423,
+)
+
+
+def t_quantile_975(df: int) -> float:
+    """t_{0.975} with ``df`` degrees of freedom (table up to 30, Cornish-Fisher beyond)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959963984540054
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def summarize(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample std (ddof=1) and the 95% t confidence interval of the mean."""
+    x = np.asarray(values, np.float64)
+    n = len(x)
+    mean = float(np.mean(x))
+    if n < 2:
+        return {"n": n, "mean": mean, "std": float("nan"), "ci95": [float("nan"), float("nan")]}
+    std = float(np.std(x, ddof=1))
+    half = t_quantile_975(n - 1) * std / math.sqrt(n)
+    return {"n": n, "mean": mean, "std": std, "ci95": [mean - half, mean + half]}
+
+
+def study_config(base: Config, loss: str, num_seeds: int) -> Config:
+    return dataclasses.replace(base, loss=loss, num_seeds=num_seeds)
+
+
+def check_losses(losses: Sequence[str]) -> tuple[str, ...]:
+    losses = tuple(losses)
+    unknown = [name for name in losses if name not in LOSS_NAMES]
+    if not losses or unknown:
+        raise ConfigError(f"--losses={','.join(losses)!r}: valid losses are {', '.join(LOSS_NAMES)}.")
+    return losses
+
+
+def run_study(base: Config, workdir: str, losses: Sequence[str], num_seeds: int, show_progress: bool = True) -> dict:
+    """Trains every loss (seeds vmapped), then writes results.json, the plots and report.md."""
+    from softsig.run import train_and_evaluate  # the study is the only caller that trains
+
+    losses = check_losses(losses)
+    if num_seeds < 1:
+        raise ConfigError(f"--num_seeds={num_seeds} must be positive.")
+    for loss in losses:
+        study_config(base, loss, num_seeds).validate()  # every bad flag before the first run
+    for loss in losses:
+        train_and_evaluate(study_config(base, loss, num_seeds), os.path.join(workdir, loss), show_progress=show_progress)
+    results = collect_results(workdir, losses)
+    write_results(results, workdir)
+    write_report(results, workdir)
+    return results
+
+
+def _eval_records(run_dir: str) -> list[dict]:
+    from softsig.metrics import read_metrics
+
+    return [r for r in read_metrics(run_dir) if "test_loss" in r]
+
+
+def _per_seed(value: Any) -> list[float]:
+    return [float(v) for v in value] if isinstance(value, list) else [float(value)]
+
+
+def collect_results(workdir: str, losses: Sequence[str]) -> dict[str, Any]:
+    """results.json's content, from each loss's config.json and metrics.jsonl."""
+    per_loss: dict[str, Any] = {}
+    setup: dict[str, Any] = {}
+    for loss in losses:
+        run_dir = os.path.join(workdir, loss)
+        with open(os.path.join(run_dir, "config.json")) as f:
+            described = json.load(f)
+        records = _eval_records(run_dir)
+        if not records:
+            raise RuntimeError(f"{run_dir} has no evaluation records yet; train it first.")
+        config = described["config"]
+        seeds = list(range(config["seed"], config["seed"] + config.get("num_seeds", 1)))
+        per_seed = {
+            name: np.asarray([_per_seed(r[name]) for r in records]).T.tolist() for name in PER_EPOCH_METRICS
+        }
+        final_errors = [row[-1] for row in per_seed["test_error_rate"]]
+        per_loss[loss] = {
+            "seeds": seeds,
+            "epochs": [r["epoch"] for r in records],
+            "per_seed": per_seed,
+            "final_test_error": summarize(final_errors),
+            "final_test_loss": summarize([row[-1] for row in per_seed["test_loss"]]),
+            "learning_rate": config["learning_rate"],
+        }
+        if not setup:
+            setup = {
+                "dataset": described["dataset"],
+                "model": {"conv_blocks": config["conv_blocks"], "dense_features": config["dense_features"],
+                          "dropout_rate": config["dropout_rate"], "compute_dtype": config["compute_dtype"]},
+                "training": {name: config[name] for name in (
+                    "optimizer", "learning_rate", "momentum", "batch_size", "epochs", "augment",
+                    "train_split", "test_split", "parallel")},
+                "devices": described["devices"],
+                "versions": described["versions"],
+            }
+    results: dict[str, Any] = {"setup": setup, "losses": per_loss}
+    if len(per_loss) == 2:
+        first, second = list(per_loss)
+        a, b = per_loss[first], per_loss[second]
+        if a["seeds"] == b["seeds"]:
+            diffs = [x[-1] - y[-1] for x, y in zip(a["per_seed"]["test_error_rate"], b["per_seed"]["test_error_rate"])]
+            results["paired_difference"] = {"minuend": first, "subtrahend": second, "final_test_error": summarize(diffs)}
+    return results
+
+
+def write_results(results: dict, workdir: str) -> str:
+    path = os.path.join(workdir, RESULTS_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def load_results(workdir: str) -> dict:
+    path = os.path.join(workdir, RESULTS_FILE)
+    if not os.path.exists(path):
+        raise ConfigError(f"--report_only: {path} does not exist; run the comparison first.")
+    with open(path) as f:
+        return json.load(f)
+
+
+# -- plots --------------------------------------------------------------------------------
+
+
+def _band(ax, epochs, rows, loss, label):
+    rows = np.asarray(rows)
+    mean = rows.mean(0)
+    ax.plot(epochs, mean, color=COLORS.get(loss), label=label, marker="o", markersize=3)
+    if len(rows) > 1:
+        ax.fill_between(epochs, rows.min(0), rows.max(0), color=COLORS.get(loss), alpha=0.2)
+
+
+def write_plots(results: dict, workdir: str) -> dict[str, str]:
+    """PNG plots (deterministic given results.json): loss curves, test error, final error with CIs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams["svg.hashsalt"] = "softsig"
+    losses = results["losses"]
+    paths = {}
+
+    fig, axes = plt.subplots(1, len(losses), figsize=(5.5 * len(losses), 4), squeeze=False)
+    for ax, (loss, r) in zip(axes[0], losses.items()):
+        _band(ax, r["epochs"], r["per_seed"]["train_loss"], loss, "train")
+        rows = np.asarray(r["per_seed"]["test_loss"])
+        ax.plot(r["epochs"], rows.mean(0), color=COLORS.get(loss), linestyle="--", label="test", marker="s", markersize=3)
+        if len(rows) > 1:
+            ax.fill_between(r["epochs"], rows.min(0), rows.max(0), color=COLORS.get(loss), alpha=0.1)
+        ax.set_title(f"{LABELS.get(loss, loss)}: loss (own scale)")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("MSE of sigmoid outputs" if loss == "sigmoid_mse" else "cross-entropy (nats)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Loss per epoch: mean over seeds, band = min..max (the two losses live on different scales)")
+    fig.tight_layout()
+    paths["loss_curves"] = _save(fig, workdir, "loss_curves.png")
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for loss, r in losses.items():
+        _band(ax, r["epochs"], np.asarray(r["per_seed"]["test_error_rate"]) * 100, loss, LABELS.get(loss, loss))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test error rate (%)")
+    ax.set_title("Test error per epoch (mean over seeds, band = min..max)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths["test_error"] = _save(fig, workdir, "test_error.png")
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for index, (loss, r) in enumerate(losses.items()):
+        summary = r["final_test_error"]
+        finals = [row[-1] * 100 for row in r["per_seed"]["test_error_rate"]]
+        ax.scatter([index] * len(finals), finals, color=COLORS.get(loss), alpha=0.5, zorder=2)
+        if summary["n"] > 1:
+            low, high = (v * 100 for v in summary["ci95"])
+            ax.errorbar(index + 0.15, summary["mean"] * 100, yerr=[[summary["mean"] * 100 - low], [high - summary["mean"] * 100]],
+                        fmt="D", color="black", capsize=6, zorder=3)
+        else:
+            ax.scatter([index + 0.15], [summary["mean"] * 100], marker="D", color="black", zorder=3)
+    ax.set_xticks(range(len(losses)), [LABELS.get(loss, loss) for loss in losses])
+    ax.set_xlim(-0.6, len(losses) - 0.4)
+    ax.set_ylabel("final test error rate (%)")
+    ax.set_title("Final test error: seeds (dots), mean and 95% CI")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    paths["final_test_error"] = _save(fig, workdir, "final_test_error.png")
+    plt.close("all")
+    return paths
+
+
+def _save(fig, workdir, name):
+    path = os.path.join(workdir, name)
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    return name
+
+
+# -- report -------------------------------------------------------------------------------
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def findings(results: dict) -> list[str]:
+    """Short findings computed from the numbers."""
+    losses = results["losses"]
+    lines = []
+    ranked = sorted(losses, key=lambda loss: losses[loss]["final_test_error"]["mean"])
+    if len(ranked) >= 2:
+        best, worst = ranked[0], ranked[-1]
+        gap = losses[worst]["final_test_error"]["mean"] - losses[best]["final_test_error"]["mean"]
+        lines.append(
+            f"{LABELS.get(best, best)} has the lower mean final test error: "
+            f"{_pct(losses[best]['final_test_error']['mean'])} vs {_pct(losses[worst]['final_test_error']['mean'])} "
+            f"for {LABELS.get(worst, worst)} ({100 * gap:.2f} percentage points)."
+        )
+    paired = results.get("paired_difference")
+    if paired:
+        summary = paired["final_test_error"]
+        name = f"{LABELS.get(paired['minuend'])} minus {LABELS.get(paired['subtrahend'])}"
+        if summary["n"] > 1:
+            low, high = summary["ci95"]
+            excludes = low > 0 or high < 0
+            lines.append(
+                f"Paired by seed ({summary['n']} seeds), final test error of {name}: "
+                f"{100 * summary['mean']:+.2f} pp, 95% CI [{100 * low:+.2f}, {100 * high:+.2f}] pp; the interval "
+                + ("excludes zero: the difference is statistically clear at this sample size."
+                   if excludes else "includes zero: this run cannot tell the heads apart.")
+            )
+        else:
+            lines.append(f"Only one seed: no confidence interval for the difference ({100 * summary['mean']:+.2f} pp).")
+    for loss, r in losses.items():
+        first = np.mean([row[0] for row in r["per_seed"]["train_loss"]])
+        last = np.mean([row[-1] for row in r["per_seed"]["test_loss"]])
+        lines.append(
+            f"{LABELS.get(loss, loss)} loss scale: mean train loss {first:.4f} over the first epoch, "
+            f"final test loss {last:.4f}."
+        )
+    if len(losses) == 2 and all(loss in losses for loss in LOSS_NAMES):
+        mse = np.mean([row[-1] for row in losses["sigmoid_mse"]["per_seed"]["test_loss"]])
+        ce = np.mean([row[-1] for row in losses["softmax_cross_entropy"]["per_seed"]["test_loss"]])
+        lines.append(f"The final test losses differ in scale by {ce / mse:.1f}x (CE / MSE): compare them on separate axes.")
+    return lines
+
+
+def render_report(results: dict, plot_names: dict[str, str]) -> str:
+    """report.md as text: a pure function of results.json."""
+    setup = results["setup"]
+    dataset = setup["dataset"]
+    training = setup["training"]
+    model = setup["model"]
+    losses = results["losses"]
+    seeds = next(iter(losses.values()))["seeds"]
+    data_name = dataset["name"] + (" (SYNTHETIC DATA, not CIFAR-10)" if dataset.get("synthetic") else "")
+    lines = [
+        "# sigmoid + MSE vs softmax + CE",
+        "",
+        "Generated by `experiments/compare.py` from `results.json`; rerun with `--report_only` to regenerate.",
+        "",
+        "## Setup",
+        "",
+        f"- Dataset: {data_name}, {dataset['num_classes']} classes, images {tuple(dataset['image_shape'])}; "
+        f"train split `{training['train_split']}`, test split `{training['test_split']}`.",
+        f"- Model: CNN conv blocks `{model['conv_blocks']}`, dense `{model['dense_features']}`, ReLU, 2x2 max pooling, "
+        f"dropout {model['dropout_rate']}, compute {model['compute_dtype']}.",
+        f"- Training: {training['optimizer']} (lr {training['learning_rate']}"
+        + (f", momentum {training['momentum']}" if training["optimizer"] == "sgd" else "")
+        + f"), batch {training['batch_size']}, {training['epochs']} epochs, augmentation "
+        f"{'on' if training['augment'] else 'off'}; seeds {seeds} (vmapped; paired across heads: same init and data order).",
+        f"- Hardware: {setup['devices']['used']} {setup['devices']['platform']} device(s) "
+        f"({', '.join(setup['devices']['kinds'])}), {training['parallel']}; "
+        + ", ".join(f"{k} {v}" for k, v in sorted(setup["versions"].items()) if v),
+        "",
+        "## Final test error",
+        "",
+        "| head | seeds | mean | std | 95% CI | final test loss (mean) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for loss, r in losses.items():
+        s = r["final_test_error"]
+        ci = "n/a" if s["n"] < 2 else f"[{_pct(s['ci95'][0])}, {_pct(s['ci95'][1])}]"
+        std = "n/a" if s["n"] < 2 else _pct(s["std"])
+        lines.append(
+            f"| {LABELS.get(loss, loss)} | {s['n']} | {_pct(s['mean'])} | {std} | {ci} | {r['final_test_loss']['mean']:.4f} |"
+        )
+    lines += ["", "## Findings", ""] + [f"- {line}" for line in findings(results)]
+    lines += ["", "## Plots", ""]
+    titles = {"loss_curves": "Loss curves", "test_error": "Test error per epoch", "final_test_error": "Final test error"}
+    for key, name in plot_names.items():
+        lines += [f"![{titles.get(key, key)}]({name})", ""]
+    lines += ["## Per-epoch test error (mean over seeds)", "", "| epoch | " + " | ".join(
+        LABELS.get(loss, loss) for loss in losses) + " |", "|---|" + "---|" * len(losses)]
+    epochs = next(iter(losses.values()))["epochs"]
+    for index, epoch in enumerate(epochs):
+        cells = [_pct(np.mean([row[index] for row in r["per_seed"]["test_error_rate"]])) for r in losses.values()]
+        lines.append(f"| {epoch:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict, workdir: str) -> str:
+    plot_names = write_plots(results, workdir)
+    path = os.path.join(workdir, REPORT_FILE)
+    with open(path, "w") as f:
+        f.write(render_report(results, plot_names))
+    return path

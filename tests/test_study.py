@@ -1,0 +1,81 @@
+"""The study: statistics against hand-computed values, the end-to-end compare, report regeneration."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from softsig import study
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_summarize_by_hand():
+    # values 1, 2, 3, 4: mean 2.5, sample variance (2.25+0.25+0.25+2.25)/3 = 5/3
+    summary = study.summarize([1.0, 2.0, 3.0, 4.0])
+    std = np.sqrt(5 / 3)
+    half = 3.1824 * std / 2  # t_{0.975, 3} * s / sqrt(4)
+    assert summary["n"] == 4 and summary["mean"] == 2.5
+    np.testing.assert_allclose(summary["std"], std, rtol=1e-12)
+    np.testing.assert_allclose(summary["ci95"], [2.5 - half, 2.5 + half], rtol=1e-12)
+    single = study.summarize([0.3])
+    assert single["mean"] == 0.3 and np.isnan(single["std"]) and np.isnan(single["ci95"][0])
+
+
+def test_t_quantiles_against_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 3, 5, 9, 30, 31, 50, 200):
+        np.testing.assert_allclose(study.t_quantile_975(df), scipy_stats.t.ppf(0.975, df), rtol=2e-4)
+    with pytest.raises(ValueError):
+        study.t_quantile_975(0)
+
+
+def test_unknown_loss_is_a_clear_error():
+    with pytest.raises(study.ConfigError, match="valid losses are sigmoid_mse, softmax_cross_entropy"):
+        study.check_losses(["sigmoid_mse", "hinge"])
+
+
+def digest(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+ARTIFACTS = ("results.json", "report.md", "loss_curves.png", "test_error.png", "final_test_error.png")
+
+
+@pytest.mark.slow
+def test_tiny_compare_end_to_end_and_report_regenerates_identically(tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    cmd = [
+        sys.executable, os.path.join(ROOT, "experiments", "compare.py"), f"--workdir={tmp_path}",
+        "--dataset=synthetic", "--train_split=train[:256]", "--test_split=test[:100]", "--epochs=2",
+        "--batch_size=32", "--eval_batch_size=50", "--conv_blocks=8;16", "--dense_features=32", "--num_seeds=2",
+    ]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "report:" in result.stdout and "lower mean final test error" in result.stdout
+    for name in ARTIFACTS:
+        assert (tmp_path / name).stat().st_size > 0, name
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["losses"]) == {"sigmoid_mse", "softmax_cross_entropy"}
+    for r in results["losses"].values():
+        assert r["seeds"] == [0, 1] and r["epochs"] == [1.0, 2.0]
+        assert np.asarray(r["per_seed"]["test_error_rate"]).shape == (2, 2)
+    paired = results["paired_difference"]["final_test_error"]
+    mse = results["losses"]["sigmoid_mse"]["per_seed"]["test_error_rate"]
+    ce = results["losses"]["softmax_cross_entropy"]["per_seed"]["test_error_rate"]
+    np.testing.assert_allclose(paired["mean"], np.mean([m[-1] - c[-1] for m, c in zip(mse, ce)]))
+    report = (tmp_path / "report.md").read_text()
+    assert "SYNTHETIC DATA" in report and "![Loss curves](loss_curves.png)" in report
+
+    before = {name: digest(tmp_path / name) for name in ARTIFACTS}
+    for name in ARTIFACTS[1:]:
+        os.remove(tmp_path / name)
+    again = subprocess.run([*cmd[:3], "--report_only"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {name: digest(tmp_path / name) for name in ARTIFACTS} == before

@@ -14,6 +14,9 @@ import statistics
 import sys
 import time
 
+from softsig import launch  # noqa: E402  (imports nothing heavy)
+
+launch.reexec_with_tuned_cpu_environment()  # before jax is imported
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402

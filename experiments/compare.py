@@ -12,6 +12,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from softsig import launch  # noqa: E402
+
+launch.reexec_with_tuned_cpu_environment()  # before jax is imported
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402

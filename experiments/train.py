@@ -12,6 +12,9 @@ import dataclasses
 import os
 import sys
 
+from softsig import launch  # noqa: E402  (imports nothing heavy)
+
+launch.reexec_with_tuned_cpu_environment()  # before jax is imported
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF (used by tfds) is chatty at import
 
 from absl import app, flags, logging  # noqa: E402

@@ -1,26 +1,22 @@
 """softsig: sigmoid+MSE vs softmax+CE on CIFAR-10, as a reusable JAX/Flax training kernel.
 
-The losses are imported eagerly and need only jax; everything else (flax, optax,
-orbax, tfds) loads on first use, so ``import softsig.losses`` stays light for other
-JAX code.
+Every public name loads on first use (PEP 562), so ``import softsig.losses`` pulls in jax
+only, and ``softsig.launch`` can run before jax is imported at all.
 """
 
 import importlib
 
-from softsig.losses import (
-    LOSS_NAMES,
-    LOSSES,
-    Loss,
-    get_loss,
-    sigmoid_mse,
-    sigmoid_mse_with_integer_labels,
-    softmax_cross_entropy,
-    softmax_cross_entropy_with_integer_labels,
-)
-
 __version__ = "0.1.0"
 
 _LAZY = {
+    "LOSS_NAMES": "softsig.losses",
+    "LOSSES": "softsig.losses",
+    "Loss": "softsig.losses",
+    "get_loss": "softsig.losses",
+    "sigmoid_mse": "softsig.losses",
+    "sigmoid_mse_with_integer_labels": "softsig.losses",
+    "softmax_cross_entropy": "softsig.losses",
+    "softmax_cross_entropy_with_integer_labels": "softsig.losses",
     "CNN": "softsig.models",
     "ModelConfig": "softsig.models",
     "apply_model": "softsig.models",
@@ -36,17 +32,7 @@ _LAZY = {
     "train_step_body": "softsig.train",
 }
 
-__all__ = [
-    "LOSSES",
-    "LOSS_NAMES",
-    "Loss",
-    "get_loss",
-    "sigmoid_mse",
-    "sigmoid_mse_with_integer_labels",
-    "softmax_cross_entropy",
-    "softmax_cross_entropy_with_integer_labels",
-    *_LAZY,
-]
+__all__ = list(_LAZY)
 
 
 def __getattr__(name):

@@ -28,7 +28,7 @@ from absl import logging
 from softsig import checkpoint as checkpoint_lib
 from softsig import data as data_lib
 from softsig import metrics as metrics_lib
-from softsig import models, parallel, pipeline, train
+from softsig import launch, models, parallel, pipeline, train
 from softsig.config import Config, check_resumable, check_workdir
 from softsig.losses import get_loss
 from softsig.parallel import REPLICATED
@@ -99,6 +99,7 @@ def run_description(config: Config, info: data_lib.DatasetInfo, dp: parallel.Dat
             "tensorflow_datasets": tensorflow_datasets.__version__,
             "numpy": np.__version__,
         },
+        "environment": launch.describe_environment(),
         "devices": {
             "platform": jax.default_backend(),
             "process_count": jax.process_count(),

@@ -627,12 +627,6 @@ ERROR_CASES = {
         needles=("--num_devices",), workdir_created=True,
     ),
     "unknown_split": ErrorCase({"train_split": "validation"}, needles=("--train_split",), workdir_created=True),
-    "batch_larger_than_split": ErrorCase(
-        {"train_split": "train[:10]"}, needles=("--batch_size",), workdir_created=True
-    ),
-    "too_many_pooling_blocks": ErrorCase(
-        {"conv_blocks": "8;8;8;8;8;8"}, needles=("--conv_blocks",), workdir_created=True
-    ),
 }
 
 _UNCAUGHT = (
@@ -644,9 +638,10 @@ XFAIL_CASES = {
     "unknown_dataset": _UNCAUGHT.format("data.dataset_info: \"Unknown dataset 'nosuchdataset'\""),
     "num_devices_above_available": _UNCAUGHT.format("parallel.make_parallel: 'num_devices=8 but 4 devices are available.'"),
     "unknown_split": _UNCAUGHT.format("tfds: \"Unknown split 'validation'\""),
-    "batch_larger_than_split": _UNCAUGHT.format("'batch_size=32 exceeds the 10 training examples.'"),
-    "too_many_pooling_blocks": _UNCAUGHT.format("models: '6 pooling stages shrink a 32x32 image to nothing.'"),
 }
+# Two more of the same kind, not run here to save time (each is a plain ValueError traceback):
+# --train_split=train[:10] (batch_size=32 exceeds the 10 training examples) and
+# --conv_blocks='8;8;8;8;8;8' (6 pooling stages shrink a 32x32 image to nothing).
 
 
 @pytest.fixture(scope="module")
@@ -810,16 +805,29 @@ def test_check_resumable_names_the_changed_shape_flag(tmp_path, saved, new, flag
 # A NaN/Inf loss.
 
 
+def nan_settings(learning_rate):
+    return {"optimizer": "sgd", "learning_rate": learning_rate, "loss": "softmax_cross_entropy"}
+
+
+@pytest.fixture(scope="module")
+def nan_run_1e30(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("nan_1e30") / "run"
+    return workdir, run_cli(workdir, nan_settings(1e30))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("learning_rate", [1e30, 10.0])
 def test_non_finite_loss_stops_naming_the_step_and_keeps_earlier_checkpoints(
-    learning_rate, abstract_state, tmp_path
+    learning_rate, tmp_path, request
 ):
     # 1e30 overflows in the first dispatch (before any checkpoint); 10 diverges at step 5,
     # after the checkpoint of step 4.
-    workdir = tmp_path / "run"
-    settings = {"optimizer": "sgd", "learning_rate": learning_rate, "loss": "softmax_cross_entropy"}
-    result = run_cli(workdir, settings)
+    settings = nan_settings(learning_rate)
+    if learning_rate == 1e30:
+        workdir, result = request.getfixturevalue("nan_run_1e30")
+    else:
+        workdir = tmp_path / "run"
+        result = run_cli(workdir, settings)
     assert result.returncode == 1, describe(result)
     assert "Traceback" not in result.stderr
     lines = error_lines(result.stderr)
@@ -841,6 +849,22 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_earlier_checkpoints(
         assert restored is not None and restored[0] == max(steps)
         assert restored[2]["step"] == max(steps)
         assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored[1]["params"]))
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: run.train_and_evaluate writes config.json before loading data, building the model or "
+    "training, and check_resumable trusts it even when the workdir has no checkpoint; a run that failed before "
+    "its first checkpoint locks the workdir to its shape flags, so the corrected command is refused "
+    "('--optimizer='adam' differs from the run in this workdir ... cannot resume') with nothing to resume",
+)
+def test_a_run_that_never_checkpointed_does_not_lock_the_workdir(nan_run_1e30):
+    workdir, failed = nan_run_1e30
+    assert failed.returncode == 1 and checkpoint_steps(workdir) == []
+    result = run_cli(workdir, {"epochs": 1})  # the same run with the default optimizer (adam)
+    assert result.returncode == 0, describe(result)
+    assert eval_records(read_records(workdir))[-1]["step"] == STEPS_PER_EPOCH
 
 
 def abstract_state_for(settings):

@@ -26,16 +26,33 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 
+import importlib
+import re
+from typing import Any
+
 import numpy as np
-import tensorflow_datasets as tfds
 from absl import logging
+
+
+class _LazyModule:
+    """Imports a module on first attribute access: the synthetic dataset works without tfds/TF
+    installed (e.g. on a GPU node with only jax), and importing softsig.data stays cheap."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+
+tfds = _LazyModule("tensorflow_datasets")
 
 SYNTHETIC = "synthetic"
 
 # Shown when a dataset name is unknown: the sets this project is known to work with.
 SUGGESTED_DATASETS = (SYNTHETIC, "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn_cropped")
 
-SplitSpec = tfds.typing.SplitArg  # a split string such as 'train[:10%]', or a tfds split object
+SplitSpec = Any  # a tfds split string such as 'train[:10%]', or a tfds split object
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,6 +315,35 @@ _BACKGROUND_STD = 30.0
 _NOISE_STD = 30.0
 
 
+def _synthetic_ranges(split: SplitSpec) -> list[tuple[str, int, int]]:
+    """``[(split_name, begin, end)]`` for a split spec, resolved by tfds's own parser.
+
+    Without tensorflow-datasets installed, plain names and integer slices
+    ('train', 'test[:512]', 'train[100:200]') are still understood.
+    """
+    try:
+        core = importlib.import_module("tensorflow_datasets.core")
+    except ImportError:
+        match = re.fullmatch(r"(train|test)(?:\[(-?\d*):(-?\d*)\])?", str(split))
+        if not match:
+            raise ValueError(
+                f"split {split!r}: without tensorflow-datasets installed only 'train'/'test' with integer "
+                "slices like 'train[:512]' are understood."
+            ) from None
+        name, lo, hi = match.groups()
+        begin, end, _ = slice(int(lo) if lo else None, int(hi) if hi else None).indices(SYNTHETIC_SPLIT_SIZES[name])
+        return [(name, begin, max(begin, end))]
+    split_infos = core.SplitDict(
+        [core.SplitInfo(name=n, shard_lengths=[size], num_bytes=0) for n, size in SYNTHETIC_SPLIT_SIZES.items()]
+    )
+    ranges = []
+    for instruction in core.ReadInstruction.from_spec(split).to_absolute(split_infos):
+        begin = instruction.from_ or 0
+        end = SYNTHETIC_SPLIT_SIZES[instruction.splitname] if instruction.to is None else instruction.to
+        ranges.append((instruction.splitname, begin, max(begin, end)))
+    return ranges
+
+
 def synthetic_split(split: SplitSpec, seed: int = 0) -> Split:
     """Generates (uncached) the synthetic examples that `split` selects, as read-only arrays.
 
@@ -305,14 +351,7 @@ def synthetic_split(split: SplitSpec, seed: int = 0) -> Split:
     'train+test', ...), since TFDS's own parser resolves them.
     """
     seed = _check_seed(seed)
-    split_infos = tfds.core.SplitDict(
-        [tfds.core.SplitInfo(name=n, shard_lengths=[size], num_bytes=0) for n, size in SYNTHETIC_SPLIT_SIZES.items()]
-    )
-    ranges = []
-    for instruction in tfds.core.ReadInstruction.from_spec(split).to_absolute(split_infos):
-        begin = instruction.from_ or 0
-        end = SYNTHETIC_SPLIT_SIZES[instruction.splitname] if instruction.to is None else instruction.to
-        ranges.append((instruction.splitname, begin, max(begin, end)))
+    ranges = _synthetic_ranges(split)
 
     total = sum(end - begin for _, begin, end in ranges)
     images = np.empty((total, *SYNTHETIC_IMAGE_SHAPE), np.uint8)

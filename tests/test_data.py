@@ -390,3 +390,24 @@ def test_real_cifar10_slices_match_full_split(cifar10_dir):
     assert first_tenth.num_examples == 1000 and middle.num_examples == 10
     assert np.array_equal(first_tenth.images, full_test.images[:1000])
     assert np.array_equal(middle.labels, full_test.labels[10:20])
+
+
+def test_synthetic_split_parsing_without_tfds_matches_tfds(monkeypatch):
+    """On a node with only jax installed, integer slices still resolve exactly as tfds would."""
+    import importlib
+
+    from softsig import data as data_module
+
+    specs = ["train", "test", "train[:512]", "train[100:200]", "test[-100:]"]
+    with_tfds = [data_module._synthetic_ranges(spec) for spec in specs]
+    real_import = importlib.import_module
+
+    def no_tfds(name, *args, **kwargs):
+        if name.startswith("tensorflow_datasets"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(data_module.importlib, "import_module", no_tfds)
+    assert [data_module._synthetic_ranges(spec) for spec in specs] == with_tfds
+    with pytest.raises(ValueError, match="without tensorflow-datasets"):
+        data_module._synthetic_ranges("train[:10%]")

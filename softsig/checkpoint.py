@@ -21,6 +21,12 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 
+def has_checkpoint(directory: str) -> bool:
+    """Whether ``directory`` (a Checkpointer's) holds at least one finished latest step."""
+    latest = os.path.join(directory, "latest")
+    return os.path.isdir(latest) and any(name.isdigit() for name in os.listdir(latest))
+
+
 class Checkpointer:
     """Saves and restores ``(state, meta)``: a host pytree of arrays and a JSON dict."""
 
@@ -46,15 +52,26 @@ class Checkpointer:
             return -1.0
 
     def save(self, step: int, state: Any, meta: dict, *, test_accuracy: float | None = None) -> None:
-        """Starts an async save of ``state`` (host arrays) at ``step``; also as best if it improves."""
+        """Starts an async save of ``state`` (host arrays) at ``step``; also as best if it improves.
+
+        A step that already exists is one that failed to restore (a good one would have been
+        resumed from), so it is replaced.
+        """
         state = jax.tree.map(np.asarray, state)  # numpy scalars (np.int32) are not storable, 0-d arrays are
+        if test_accuracy is not None:
+            meta = {**meta, "test_accuracy": test_accuracy}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        if step not in self._latest.all_steps():
-            self._latest.save(step, args=args)
+        self._replace(self._latest, step, args)
         if test_accuracy is not None and test_accuracy > self._best_accuracy:
             self._best_accuracy = test_accuracy
-            if step not in self._best.all_steps():
-                self._best.save(step, args=args)
+            self._replace(self._best, step, args)
+
+    @staticmethod
+    def _replace(manager: ocp.CheckpointManager, step: int, args) -> None:
+        if step in manager.all_steps():
+            manager.wait_until_finished()
+            manager.delete(step)
+        manager.save(step, args=args)
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
         """``(step, state, meta)`` of the newest checkpoint that restores, or None if there is none."""

@@ -142,9 +142,13 @@ def check_workdir(workdir: str) -> str:
     return path
 
 
-def check_resumable(config: Config, saved_config_path: str) -> None:
-    """An existing run in the workdir must have the same model/optimizer shapes."""
-    if not os.path.exists(saved_config_path):
+def check_resumable(config: Config, saved_config_path: str, has_checkpoint: bool = True) -> None:
+    """An existing run in the workdir must have the same model/optimizer shapes.
+
+    Only a run that left a checkpoint binds the workdir; one that failed before its first
+    save (bad input, an early NaN) does not.
+    """
+    if not has_checkpoint or not os.path.exists(saved_config_path):
         return
     with open(saved_config_path) as f:
         saved = json.load(f).get("config", {})

@@ -29,7 +29,7 @@ from softsig import checkpoint as checkpoint_lib
 from softsig import data as data_lib
 from softsig import metrics as metrics_lib
 from softsig import launch, models, parallel, pipeline, train
-from softsig.config import Config, check_resumable, check_workdir
+from softsig.config import Config, ConfigError, check_resumable, check_workdir
 from softsig.losses import get_loss
 from softsig.parallel import REPLICATED
 
@@ -122,6 +122,16 @@ def _sigterm_flag():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _flag_error(flag: str, value: Any, fn, *args, **kwargs):
+    """``fn(...)``, with a ValueError from deeper down reported as a ConfigError naming ``--flag``."""
+    try:
+        return fn(*args, **kwargs)
+    except (ConfigError, data_lib.DataNotFoundError):
+        raise
+    except ValueError as error:
+        raise ConfigError(f"--{flag}={value!r}: {str(error).splitlines()[0]}") from None
+
+
 def train_and_evaluate(config: Config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]:
     """Trains and evaluates per ``config`` in ``workdir``, resuming from its checkpoints.
 
@@ -129,28 +139,39 @@ def train_and_evaluate(config: Config, workdir: str, *, show_progress: bool = Tr
     Raises ``Preempted`` after saving on SIGTERM, ``NonFiniteLossError`` on a NaN/Inf loss,
     ``ConfigError``/``DataNotFoundError`` on bad input (before anything is compiled).
     """
+    with _sigterm_flag() as sigterm:
+        return _train_and_evaluate(config, workdir, show_progress, sigterm)
+
+
+def _train_and_evaluate(config: Config, workdir: str, show_progress: bool, sigterm: threading.Event) -> dict[str, Any]:
     config.validate()
     workdir = check_workdir(workdir)
     config_path = os.path.join(workdir, "config.json")
-    check_resumable(config, config_path)
-    info = data_lib.dataset_info(config.dataset, config.data_dir)
-    dp = parallel.make_parallel(config.parallel, config.num_devices or None)
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    check_resumable(config, config_path, has_checkpoint=checkpoint_lib.has_checkpoint(checkpoint_dir))
+    info = _flag_error("dataset", config.dataset, data_lib.dataset_info, config.dataset, config.data_dir)
+    dp = _flag_error("num_devices", config.num_devices, parallel.make_parallel, config.parallel, config.num_devices or None)
     config.check_devices(dp.num_devices)
     is_main = jax.process_index() == 0
-    if is_main:
-        with open(config_path + ".tmp", "w") as f:
-            json.dump(run_description(config, info, dp), f, indent=2, sort_keys=True)
-        os.replace(config_path + ".tmp", config_path)
 
     # The synthetic dataset is fixed (its own seed 0), not redrawn per training seed: seeds vary
     # the init and the data order over the same data, as with a real dataset.
-    train_split = data_lib.load_split(config.dataset, config.train_split, data_dir=config.data_dir)
-    test_split = data_lib.load_split(config.dataset, config.test_split, data_dir=config.data_dir)
-    steps_per_epoch = pipeline.steps_per_epoch(train_split.num_examples, config.batch_size)
+    train_split = _flag_error("train_split", config.train_split, data_lib.load_split, config.dataset,
+                              config.train_split, data_dir=config.data_dir)
+    test_split = _flag_error("test_split", config.test_split, data_lib.load_split, config.dataset,
+                             config.test_split, data_dir=config.data_dir)
+    if test_split.num_examples == 0:
+        raise ConfigError(f"--test_split={config.test_split!r} selects no examples.")
+    steps_per_epoch = _flag_error("batch_size", config.batch_size, pipeline.steps_per_epoch,
+                                  train_split.num_examples, config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     norm = pipeline.normalization_from(train_split.images)
 
-    model_config = model_config_for(config, info)
+    model_config = _flag_error("conv_blocks", config.conv_blocks, model_config_for, config, info)
+    if is_main:  # written once every input is known to be good
+        with open(config_path + ".tmp", "w") as f:
+            json.dump(run_description(config, info, dp), f, indent=2, sort_keys=True)
+        os.replace(config_path + ".tmp", config_path)
     tx = train.make_optimizer(config.optimizer, config.learning_rate, config.momentum)
     seeds = list(range(config.seed, config.seed + config.num_seeds))
     vmap_seeds = len(seeds) > 1
@@ -160,7 +181,7 @@ def train_and_evaluate(config: Config, workdir: str, *, show_progress: bool = Tr
         fresh_states.append(jax.tree.map(np.asarray, fresh_state))
     host_state = jax.tree.map(lambda *xs: np.stack(xs), *fresh_states) if vmap_seeds else fresh_states[0]
     as_record = (lambda x: np.asarray(x).tolist()) if vmap_seeds else float  # per-seed lists, or scalars
-    checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir, keep=config.keep_checkpoints)
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
     progress = metrics_lib.Progress(total_steps, enabled=show_progress and is_main)
     zero_sums = {"loss": as_record(np.zeros(len(seeds))) if vmap_seeds else 0.0,
@@ -202,56 +223,58 @@ def train_and_evaluate(config: Config, workdir: str, *, show_progress: bool = Tr
         meta = {"step": step, "epoch_sums": epoch_sums, "last_eval": last_eval}
         checkpointer.save(step, dp.get(state, REPLICATED)._asdict(), meta, test_accuracy=test_accuracy)
 
+    if sigterm.is_set():
+        checkpointer.close()
+        raise Preempted(f"preempted before training resumed at step {step}; nothing new to save in {workdir}.")
     try:
-        with _sigterm_flag() as sigterm:
-            while step < total_steps:
-                epoch, step_in_epoch = divmod(step, steps_per_epoch)
-                num_steps = next_boundary(step, steps_per_epoch, config) - step
-                start_time = time.perf_counter()
-                state, chunk_metrics = programs.train_chunk(state, train_data, epoch, step_in_epoch, num_steps)
-                chunk_metrics = dp.get(chunk_metrics, REPLICATED)  # waits for the chunk
-                seconds = time.perf_counter() - start_time
-                for seed, losses in zip(seeds, np.reshape(chunk_metrics["loss"], (len(seeds), -1))):
-                    metrics_lib.check_finite(losses, step, seed=seed if vmap_seeds else None)
-                step += num_steps
-                images_per_second = num_steps * config.batch_size * len(seeds) / seconds
+        while step < total_steps:
+            epoch, step_in_epoch = divmod(step, steps_per_epoch)
+            num_steps = next_boundary(step, steps_per_epoch, config) - step
+            start_time = time.perf_counter()
+            state, chunk_metrics = programs.train_chunk(state, train_data, epoch, step_in_epoch, num_steps)
+            chunk_metrics = dp.get(chunk_metrics, REPLICATED)  # waits for the chunk
+            seconds = time.perf_counter() - start_time
+            for seed, losses in zip(seeds, np.reshape(chunk_metrics["loss"], (len(seeds), -1))):
+                metrics_lib.check_finite(losses, step, seed=seed if vmap_seeds else None)
+            step += num_steps
+            images_per_second = num_steps * config.batch_size * len(seeds) / seconds
 
-                def over_steps(name, reduce):  # per seed (last axis = steps), float64
-                    return reduce(np.asarray(chunk_metrics[name], np.float64), axis=-1)
+            def over_steps(name, reduce):  # per seed (last axis = steps), float64
+                return reduce(np.asarray(chunk_metrics[name], np.float64), axis=-1)
 
-                epoch_sums = {
-                    "loss": as_record(np.asarray(epoch_sums["loss"]) + over_steps("loss", np.sum)),
-                    "accuracy": as_record(np.asarray(epoch_sums["accuracy"]) + over_steps("accuracy", np.sum)),
-                    "steps": epoch_sums["steps"] + num_steps,
-                }
-                writer.write({
-                    "step": step,
-                    "epoch": step / steps_per_epoch,
-                    "train_loss": as_record(over_steps("loss", np.mean)),
-                    "train_accuracy": as_record(over_steps("accuracy", np.mean)),
-                    "grad_norm": as_record(over_steps("grad_norm", np.mean)),
-                    "images_per_second": images_per_second,
-                    "dispatch_seconds": seconds,
-                })
-                progress.update(step, epoch, float(np.mean(chunk_metrics["loss"][..., -1])), images_per_second)
+            epoch_sums = {
+                "loss": as_record(np.asarray(epoch_sums["loss"]) + over_steps("loss", np.sum)),
+                "accuracy": as_record(np.asarray(epoch_sums["accuracy"]) + over_steps("accuracy", np.sum)),
+                "steps": epoch_sums["steps"] + num_steps,
+            }
+            writer.write({
+                "step": step,
+                "epoch": step / steps_per_epoch,
+                "train_loss": as_record(over_steps("loss", np.mean)),
+                "train_accuracy": as_record(over_steps("accuracy", np.mean)),
+                "grad_norm": as_record(over_steps("grad_norm", np.mean)),
+                "images_per_second": images_per_second,
+                "dispatch_seconds": seconds,
+            })
+            progress.update(step, epoch, float(np.mean(chunk_metrics["loss"][..., -1])), images_per_second)
 
-                test_accuracy = None
-                if step % steps_per_epoch == 0:
-                    last_eval = _evaluate_epoch(programs, state, test_data, step, steps_per_epoch, epoch_sums)
-                    epoch_sums = zero_sums
-                    test_accuracy = float(np.mean(last_eval["test_accuracy"]))
-                    writer.write(last_eval)
-                    progress.message(
-                        f"epoch {last_eval['epoch']:.0f}: " + " ".join(
-                            f"{name} {np.mean(last_eval[name]):.4f}" for name in ("train_loss", "test_loss", "test_error_rate")
-                        ) + (" (means over seeds)" if vmap_seeds else "")
-                    )
-                preempted = sigterm.is_set() or checkpointer.reached_preemption(step)
-                if step % config.checkpoint_every_steps == 0 or test_accuracy is not None or preempted:
-                    save(step, state, test_accuracy)
-                if preempted:
-                    checkpointer.wait()
-                    raise Preempted(f"preempted: saved a checkpoint at step {step} in {workdir}; rerun to resume.")
+            test_accuracy = None
+            if step % steps_per_epoch == 0:
+                last_eval = _evaluate_epoch(programs, state, test_data, step, steps_per_epoch, epoch_sums)
+                epoch_sums = zero_sums
+                test_accuracy = float(np.mean(last_eval["test_accuracy"]))
+                writer.write(last_eval)
+                progress.message(
+                    f"epoch {last_eval['epoch']:.0f}: " + " ".join(
+                        f"{name} {np.mean(last_eval[name]):.4f}" for name in ("train_loss", "test_loss", "test_error_rate")
+                    ) + (" (means over seeds)" if vmap_seeds else "")
+                )
+            preempted = sigterm.is_set() or checkpointer.reached_preemption(step)
+            if step % config.checkpoint_every_steps == 0 or test_accuracy is not None or preempted:
+                save(step, state, test_accuracy)
+            if preempted:
+                checkpointer.wait()
+                raise Preempted(f"preempted: saved a checkpoint at step {step} in {workdir}; rerun to resume.")
     finally:
         progress.close()
         checkpointer.close()

@@ -217,7 +217,11 @@ def tensorboard_scalars(workdir) -> dict[str, dict[int, float]]:
 @pytest.fixture(scope="module")
 def abstract_state():
     """A fresh host train state with the shapes of the FAST model (what restore needs)."""
-    config = config_lib.Config(**FAST)
+    return abstract_state_for(FAST)
+
+
+def abstract_state_for(settings):
+    config = config_lib.Config(**settings)
     model_config = run_lib.model_config_for(config, data_lib.dataset_info("synthetic"))
     tx = train_lib.make_optimizer(config.optimizer, config.learning_rate, config.momentum)
     _, state = train_lib.init_train_state(model_config, tx, config.seed)
@@ -540,12 +544,6 @@ def test_damaged_final_checkpoint_is_retrained_from_the_previous_one(damaged_fin
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Checkpointer.save skips a step already listed by orbax (`if step not in all_steps()`), so a "
-    "damaged step directory is never replaced: after recovering, the run's newest checkpoint stays damaged "
-    "and every later rerun of the finished run retrains from the previous checkpoint",
-)
 def test_recovered_run_replaces_the_damaged_checkpoint(damaged_final_rerun, reference_state, abstract_state, caplog):
     workdir, result = damaged_final_rerun
     assert result.returncode == 0
@@ -560,12 +558,6 @@ def test_recovered_run_replaces_the_damaged_checkpoint(damaged_final_rerun, refe
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Checkpointer._read_best_accuracy reads meta['test_accuracy'], but run.save stores it only "
-    "as meta['last_eval']['test_accuracy']; a restarted run forgets the best accuracy and overwrites "
-    "checkpoints/best with the next evaluation even when it is worse",
-)
 def test_best_checkpoint_survives_a_restart(tmp_path):
     # sgd at 0.3: test accuracy drops from epoch 1 to epoch 2 (0.125 -> 0.11), so epoch 1 is the best.
     settings = {"optimizer": "sgd", "learning_rate": 0.3}
@@ -595,19 +587,18 @@ class ErrorCase:
     workdir_created: bool = False  # False: the run failed in validate(), before it touched the workdir
 
 
-def _empty_dir_marker():
-    return "<EMPTY_DATA_DIR>"
+EMPTY_DATA_DIR = "<EMPTY_DATA_DIR>"  # replaced by a fresh empty directory
 
 
+# Each case costs a process start (~3 s of CPU); the rest of the validation is tested in-process
+# below (--optimizer=rmsprop, --parallel=fsdp, --batch_size=0, --optimizer=sgd against an adam
+# workdir, ...), through the same Config.validate / check_resumable the CLI calls.
 ERROR_CASES = {
     "loss": ErrorCase({"loss": "hinge"}, needles=("--loss", "sigmoid_mse, softmax_cross_entropy")),
-    "optimizer": ErrorCase({"optimizer": "rmsprop"}, needles=("--optimizer", "adam, sgd")),
-    "parallel": ErrorCase({"parallel": "fsdp"}, needles=("--parallel", "none, pmap, shard_map")),
-    "batch_size_zero": ErrorCase({"batch_size": 0}, needles=("--batch_size",)),
     "negative_learning_rate": ErrorCase({"learning_rate": -1}, needles=("--learning_rate",)),
     "data_not_prepared": ErrorCase(
-        {"dataset": "cifar10", "data_dir": _empty_dir_marker()},
-        needles=("cifar10", _empty_dir_marker(), "tfds build"), one_line=False, workdir_created=True,
+        {"dataset": "cifar10", "data_dir": EMPTY_DATA_DIR},
+        needles=("cifar10", EMPTY_DATA_DIR, "tfds build"), one_line=False, workdir_created=True,
     ),
     "unwritable_workdir": ErrorCase({}, needles=("--workdir", "not writable"), workdir="under_file"),
     "batch_not_divisible_by_devices": ErrorCase(
@@ -617,31 +608,21 @@ ERROR_CASES = {
     "shape_change_conv_blocks": ErrorCase(
         {"conv_blocks": "8;8"}, needles=("--conv_blocks", "8;16"), workdir="reference_config", workdir_created=True
     ),
-    "shape_change_optimizer": ErrorCase(
-        {"optimizer": "sgd"}, needles=("--optimizer",), workdir="reference_config", workdir_created=True
-    ),
-    # Bad input not caught as a one-line error (tracebacks): see the xfail marks below.
+    # Plain ValueErrors from deeper down, reported as one line naming the flag (run._flag_error).
     "unknown_dataset": ErrorCase({"dataset": "nosuchdataset"}, needles=("--dataset",), workdir_created=True),
     "num_devices_above_available": ErrorCase(
         {"parallel": "shard_map", "num_devices": 8}, extra=("--jax_num_cpu_devices=4",),
         needles=("--num_devices",), workdir_created=True,
     ),
     "unknown_split": ErrorCase({"train_split": "validation"}, needles=("--train_split",), workdir_created=True),
+    "batch_larger_than_split": ErrorCase(
+        {"train_split": "train[:10]"}, needles=("--batch_size=32", "exceeds"), workdir_created=True
+    ),
+    "too_many_pooling_stages": ErrorCase(
+        {"conv_blocks": "8;8;8;8;8;8"}, needles=("--conv_blocks", "pooling"), workdir_created=True
+    ),
 }
 
-_UNCAUGHT = (
-    "BUG: experiments/train.py's run_main only turns ConfigError/DataNotFoundError/NonFiniteLossError into "
-    "'error: ...' lines; this bad input raises a plain ValueError ({}) and the CLI prints a full traceback "
-    "(exit code 1 from the uncaught exception) without naming the flag"
-)
-XFAIL_CASES = {
-    "unknown_dataset": _UNCAUGHT.format("data.dataset_info: \"Unknown dataset 'nosuchdataset'\""),
-    "num_devices_above_available": _UNCAUGHT.format("parallel.make_parallel: 'num_devices=8 but 4 devices are available.'"),
-    "unknown_split": _UNCAUGHT.format("tfds: \"Unknown split 'validation'\""),
-}
-# Two more of the same kind, not run here to save time (each is a plain ValueError traceback):
-# --train_split=train[:10] (batch_size=32 exceeds the 10 training examples) and
-# --conv_blocks='8;8;8;8;8;8' (6 pooling stages shrink a 32x32 image to nothing).
 
 
 @pytest.fixture(scope="module")
@@ -658,11 +639,12 @@ def cli_errors(reference, tmp_path_factory):
             workdir = regular_file / "sub"
         else:
             workdir = root / name
-            if case.workdir == "reference_config":
+            if case.workdir == "reference_config":  # a run with checkpoints: it binds the shape flags
                 workdir.mkdir()
                 shutil.copy(reference.workdir / "config.json", workdir / "config.json")
-        overrides = {k: (str(empty_data_dir) if v == _empty_dir_marker() else v) for k, v in case.overrides.items()}
-        needles = tuple(str(empty_data_dir) if n == _empty_dir_marker() else n for n in case.needles)
+                shutil.copytree(reference.workdir / "checkpoints", workdir / "checkpoints")
+        overrides = {k: (str(empty_data_dir) if v == EMPTY_DATA_DIR else v) for k, v in case.overrides.items()}
+        needles = tuple(str(empty_data_dir) if n == EMPTY_DATA_DIR else n for n in case.needles)
         return workdir, overrides, needles
 
     def launch(name):
@@ -676,10 +658,10 @@ def cli_errors(reference, tmp_path_factory):
         return dict(pool.map(launch, ERROR_CASES))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=XFAIL_CASES[n])) if n in XFAIL_CASES else n
-     for n in ERROR_CASES],
+    list(ERROR_CASES),
 )
 def test_bad_input_fails_with_one_line_naming_the_flag(cli_errors, name):
     case = ERROR_CASES[name]
@@ -703,7 +685,9 @@ def test_bad_input_fails_with_one_line_naming_the_flag(cli_errors, name):
     if not case.workdir_created:
         assert not workdir.exists(), f"{workdir} was created before validation failed"
     else:
-        assert not (workdir / "metrics.jsonl").exists() and not (workdir / "checkpoints").exists()
+        assert not (workdir / "metrics.jsonl").exists()
+        if case.workdir != "reference_config":  # that one holds the copied run's checkpoints
+            assert not (workdir / "checkpoints").exists()
         if config_before is None:
             assert not (workdir / "config.json").exists()
         else:
@@ -852,27 +836,12 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_earlier_checkpoints(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: run.train_and_evaluate writes config.json before loading data, building the model or "
-    "training, and check_resumable trusts it even when the workdir has no checkpoint; a run that failed before "
-    "its first checkpoint locks the workdir to its shape flags, so the corrected command is refused "
-    "('--optimizer='adam' differs from the run in this workdir ... cannot resume') with nothing to resume",
-)
 def test_a_run_that_never_checkpointed_does_not_lock_the_workdir(nan_run_1e30):
     workdir, failed = nan_run_1e30
     assert failed.returncode == 1 and checkpoint_steps(workdir) == []
     result = run_cli(workdir, {"epochs": 1})  # the same run with the default optimizer (adam)
     assert result.returncode == 0, describe(result)
     assert eval_records(read_records(workdir))[-1]["step"] == STEPS_PER_EPOCH
-
-
-def abstract_state_for(settings):
-    config = config_lib.Config(**settings)
-    model_config = run_lib.model_config_for(config, data_lib.dataset_info("synthetic"))
-    tx = train_lib.make_optimizer(config.optimizer, config.learning_rate, config.momentum)
-    _, state = train_lib.init_train_state(model_config, tx, config.seed)
-    return jax.tree.map(np.asarray, state)._asdict()
 
 
 # ----------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path, mode):
     outputs = []
     for proc in procs:
         try:
-            outputs.append(proc.communicate(timeout=240)[0])
+            outputs.append(proc.communicate(timeout=420)[0])
         finally:
             proc.kill()
     for proc, out in zip(procs, outputs):

@@ -40,6 +40,10 @@ class Checkpointer:
             os.path.join(directory, "best"), options=ocp.CheckpointManagerOptions(max_to_keep=1, **options)
         )
         self._best_accuracy = self._read_best_accuracy()
+        # Steps on disk at start-up. Decisions below use this set, never a fresh directory listing:
+        # in a multi-host job a listing can differ between processes mid-save, and a process that
+        # takes a different branch waits forever in orbax's cross-process barrier.
+        self._existing = {id(self._latest): set(self._latest.all_steps()), id(self._best): set(self._best.all_steps())}
 
     def _read_best_accuracy(self) -> float:
         step = self._best.latest_step()
@@ -64,13 +68,17 @@ class Checkpointer:
         self._replace(self._latest, step, args)
         if test_accuracy is not None and test_accuracy > self._best_accuracy:
             self._best_accuracy = test_accuracy
+            # One manager's async save at a time: two concurrent saves of the same step by two
+            # managers deadlocked orbax's multi-process barriers (seen with 2 processes).
+            self._latest.wait_until_finished()
             self._replace(self._best, step, args)
 
-    @staticmethod
-    def _replace(manager: ocp.CheckpointManager, step: int, args) -> None:
-        if step in manager.all_steps():
+    def _replace(self, manager: ocp.CheckpointManager, step: int, args) -> None:
+        existing = self._existing[id(manager)]
+        if step in existing:  # left by a run that could not restore it (damaged)
             manager.wait_until_finished()
             manager.delete(step)
+            existing.discard(step)
         manager.save(step, args=args)
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:

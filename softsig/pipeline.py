@@ -156,7 +156,9 @@ def eval_body(
         sums = sums_body(params, batch, axis_name=None)
         return jax.tree.map(jnp.add, totals, sums), None
 
-    zeros = {"loss_sum": jnp.float32(0), "correct": jnp.int32(0), "count": jnp.int32(0)}
+    example = {"images": normalize(data.images[:local_batch], norm), "labels": data.labels[:local_batch],
+               "mask": data.mask[:local_batch]}
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(functools.partial(sums_body, axis_name=None), params, example))
     totals, _ = jax.lax.scan(one_batch, zeros, jnp.arange(num_batches))
     return totals if axis_name is None else jax.lax.psum(totals, axis_name)
 

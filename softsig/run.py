@@ -252,7 +252,7 @@ def _train_and_evaluate(config: Config, workdir: str, show_progress: bool, sigte
                 "epoch": step / steps_per_epoch,
                 "train_loss": as_record(over_steps("loss", np.mean)),
                 "train_accuracy": as_record(over_steps("accuracy", np.mean)),
-                "grad_norm": as_record(over_steps("grad_norm", np.mean)),
+                **{name: as_record(over_steps(name, np.mean)) for name in chunk_metrics if name.startswith("grad_norm")},
                 "images_per_second": images_per_second,
                 "dispatch_seconds": seconds,
             })
@@ -297,5 +297,8 @@ def _evaluate_epoch(programs, state, test_data, step, steps_per_epoch, epoch_sum
         "test_accuracy": result["accuracy"],
         "test_error_rate": result["error_rate"],
         "test_examples": result["count"],
+        "test_ece": result["ece"],
+        "test_saturated_fraction": result["saturated_fraction"],
+        "test_true_class_p1mp": result["true_class_p1mp"],
         "eval_seconds": time.perf_counter() - start_time,
     }

@@ -27,6 +27,11 @@ from softsig.losses import LOSS_NAMES
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
 PER_EPOCH_METRICS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "test_error_rate")
+DIAGNOSTICS = {  # per-epoch eval fields (absent in runs made before they existed)
+    "test_ece": "expected calibration error (15 bins; sigmoid outputs normalised to sum to 1)",
+    "test_saturated_fraction": "fraction of outputs with p < 0.01 or p > 0.99",
+    "test_true_class_p1mp": "mean p(1-p) on the true class",
+}
 LABELS = {"sigmoid_mse": "sigmoid + MSE", "softmax_cross_entropy": "softmax + CE"}
 COLORS = {"sigmoid_mse": "tab:orange", "softmax_cross_entropy": "tab:blue"}
 
@@ -89,9 +94,13 @@ def run_study(base: Config, workdir: str, losses: Sequence[str], num_seeds: int,
     return results
 
 
-def _eval_records(run_dir: str) -> list[dict]:
-    from softsig.metrics import read_metrics
+def read_metrics(run_dir: str) -> list[dict]:
+    from softsig.metrics import read_metrics as read
 
+    return read(run_dir)
+
+
+def _eval_records(run_dir: str) -> list[dict]:
     return [r for r in read_metrics(run_dir) if "test_loss" in r]
 
 
@@ -112,9 +121,10 @@ def collect_results(workdir: str, losses: Sequence[str]) -> dict[str, Any]:
             raise RuntimeError(f"{run_dir} has no evaluation records yet; train it first.")
         config = described["config"]
         seeds = list(range(config["seed"], config["seed"] + config.get("num_seeds", 1)))
-        per_seed = {
-            name: np.asarray([_per_seed(r[name]) for r in records]).T.tolist() for name in PER_EPOCH_METRICS
-        }
+        names = PER_EPOCH_METRICS + tuple(name for name in DIAGNOSTICS if all(name in r for r in records))
+        per_seed = {name: np.asarray([_per_seed(r[name]) for r in records]).T.tolist() for name in names}
+        train_records = [r for r in read_metrics(run_dir) if "train_loss" in r and "test_loss" not in r]
+        layers = sorted(k[len("grad_norm_"):] for k in train_records[0] if k.startswith("grad_norm_")) if train_records else []
         final_errors = [row[-1] for row in per_seed["test_error_rate"]]
         per_loss[loss] = {
             "seeds": seeds,
@@ -123,6 +133,11 @@ def collect_results(workdir: str, losses: Sequence[str]) -> dict[str, Any]:
             "final_test_error": summarize(final_errors),
             "final_test_loss": summarize([row[-1] for row in per_seed["test_loss"]]),
             "learning_rate": config["learning_rate"],
+            "grad_norms": {  # per layer, per dispatch, mean over seeds
+                "steps": [r["step"] for r in train_records] if layers else [],
+                "layers": {layer: [float(np.mean(_per_seed(r[f"grad_norm_{layer}"]))) for r in train_records]
+                           for layer in layers},
+            },
         }
         if not setup:
             setup = {
@@ -228,6 +243,19 @@ def write_plots(results: dict, workdir: str) -> dict[str, str]:
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     paths["final_test_error"] = _save(fig, workdir, "final_test_error.png")
+    if all(r.get("grad_norms", {}).get("layers") for r in losses.values()):
+        fig, axes = plt.subplots(1, len(losses), figsize=(5.5 * len(losses), 4), squeeze=False, sharey=True)
+        for ax, (loss, r) in zip(axes[0], losses.items()):
+            for layer, norms in r["grad_norms"]["layers"].items():
+                ax.plot(r["grad_norms"]["steps"], norms, label=layer)
+            ax.set_yscale("log")
+            ax.set_title(f"{LABELS.get(loss, loss)}: gradient norm per layer")
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        axes[0][0].set_ylabel("||grad|| (mean over seeds, per dispatch)")
+        fig.tight_layout()
+        paths["grad_norms"] = _save(fig, workdir, "grad_norms.png")
     plt.close("all")
     return paths
 
@@ -327,9 +355,18 @@ def render_report(results: dict, plot_names: dict[str, str]) -> str:
         lines.append(
             f"| {LABELS.get(loss, loss)} | {s['n']} | {_pct(s['mean'])} | {std} | {ci} | {r['final_test_loss']['mean']:.4f} |"
         )
+    diagnostics = [name for name in DIAGNOSTICS if all(name in r["per_seed"] for r in losses.values())]
+    if diagnostics:
+        lines += ["", "## Diagnostics on the test set after the last epoch (mean over seeds)", "",
+                  "| head | " + " | ".join(DIAGNOSTICS[name] for name in diagnostics) + " |",
+                  "|---|" + "---|" * len(diagnostics)]
+        for loss, r in losses.items():
+            cells = [f"{np.mean([row[-1] for row in r['per_seed'][name]]):.4f}" for name in diagnostics]
+            lines.append(f"| {LABELS.get(loss, loss)} | " + " | ".join(cells) + " |")
     lines += ["", "## Findings", ""] + [f"- {line}" for line in findings(results)]
     lines += ["", "## Plots", ""]
-    titles = {"loss_curves": "Loss curves", "test_error": "Test error per epoch", "final_test_error": "Final test error"}
+    titles = {"loss_curves": "Loss curves", "test_error": "Test error per epoch", "final_test_error": "Final test error",
+              "grad_norms": "Gradient norm per layer"}
     for key, name in plot_names.items():
         lines += [f"![{titles.get(key, key)}]({name})", ""]
     lines += ["## Per-epoch test error (mean over seeds)", "", "| epoch | " + " | ".join(

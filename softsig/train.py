@@ -113,8 +113,14 @@ def train_step_body(
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["labels"])
     metrics = _pmean({"loss": loss_value, "accuracy": accuracy}, axis_name)
     metrics["grad_norm"] = optax.tree.norm(grads)
+    for layer, layer_grads in grads.items():  # per layer: where the two heads' gradients differ
+        metrics[f"grad_norm_{layer}"] = optax.tree.norm(layer_grads)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, key=state.key)
     return new_state, metrics
+
+
+ECE_BINS = 15
+SATURATION = 0.01  # an output p is saturated when p < 0.01 or p > 0.99
 
 
 def eval_sums_body(
@@ -125,20 +131,37 @@ def eval_sums_body(
     loss: Loss,
     axis_name: str | None = None,
 ) -> Metrics:
-    """Summed loss, correct predictions and example count over the batch's unmasked examples.
+    """Sums over the batch's unmasked examples: loss, correct predictions, count, and diagnostics.
 
-    Sums (not means) so padded batches and several devices combine exactly.
+    Sums (not means) so padded batches and several devices combine exactly. Diagnostics:
+    per-confidence-bin counts for the expected calibration error (the head's outputs
+    normalised to sum to one: for sigmoid + MSE that is p / sum(p)), the number of saturated
+    outputs (p < 0.01 or p > 0.99 before normalising), and the sum of p(1-p) on the true class
+    (the factor that scales sigmoid + MSE's gradient and vanishes when saturated).
     """
     logits = models.apply_model(graphdef, params, batch["images"])
     mask = batch.get("mask")
     if mask is None:
         mask = jnp.ones(batch["labels"].shape, bool)
     per_example = loss.with_integer_labels(logits, batch["labels"])
-    correct = jnp.argmax(logits, -1) == batch["labels"]
+    predicted = jnp.argmax(logits, -1)
+    correct = predicted == batch["labels"]
+    outputs = loss.probabilities(logits)
+    normalised = outputs / jnp.sum(outputs, -1, keepdims=True)
+    confidence = jnp.max(normalised, -1)
+    bins = jnp.clip((confidence * ECE_BINS).astype(jnp.int32), 0, ECE_BINS - 1)
+    in_bin = jax.nn.one_hot(bins, ECE_BINS, dtype=jnp.float32) * mask[:, None]
+    true_p = jnp.take_along_axis(outputs, batch["labels"][:, None], -1)[:, 0]
+    saturated = jnp.mean((outputs < SATURATION) | (outputs > 1 - SATURATION), -1)  # fraction per example
     sums = {
         "loss_sum": jnp.sum(jnp.where(mask, per_example, 0.0)),
         "correct": jnp.sum(jnp.where(mask, correct, False), dtype=jnp.int32),
         "count": jnp.sum(mask, dtype=jnp.int32),
+        "bin_count": jnp.sum(in_bin, 0),
+        "bin_confidence": jnp.sum(in_bin * confidence[:, None], 0),
+        "bin_correct": jnp.sum(in_bin * correct[:, None], 0),
+        "saturated_sum": jnp.sum(jnp.where(mask, saturated, 0.0)),
+        "true_class_p1mp": jnp.sum(jnp.where(mask, true_p * (1 - true_p), 0.0)),
     }
     return _psum(sums, axis_name)
 
@@ -146,9 +169,15 @@ def eval_sums_body(
 def summarize_eval(sums: Metrics, prefix: str = "") -> dict[str, Any]:
     """Host-side means from ``eval_sums_body`` totals (floats, or lists with a seed axis)."""
     count = np.asarray(sums["count"])
-    loss_value = np.asarray(sums["loss_sum"], np.float64) / np.maximum(count, 1)
-    accuracy = np.asarray(sums["correct"], np.float64) / np.maximum(count, 1)
-    values = {"loss": loss_value, "accuracy": accuracy, "error_rate": 1.0 - accuracy, "count": count}
+    denominator = np.maximum(count, 1)
+    accuracy = np.asarray(sums["correct"], np.float64) / denominator
+    values = {"loss": np.asarray(sums["loss_sum"], np.float64) / denominator, "accuracy": accuracy,
+              "error_rate": 1.0 - accuracy, "count": count}
+    if "bin_count" in sums:
+        gap = np.abs(np.asarray(sums["bin_correct"], np.float64) - np.asarray(sums["bin_confidence"], np.float64))
+        values["ece"] = gap.sum(-1) / denominator  # sum_b |acc_b - conf_b| n_b / N
+        values["true_class_p1mp"] = np.asarray(sums["true_class_p1mp"], np.float64) / denominator
+        values["saturated_fraction"] = np.asarray(sums["saturated_sum"], np.float64) / denominator
     return {f"{prefix}{name}": value.tolist() for name, value in values.items()}
 
 

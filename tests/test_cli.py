@@ -60,10 +60,13 @@ FAST = {
 STEPS_PER_EPOCH = 512 // 32
 TOTAL_STEPS = 2 * STEPS_PER_EPOCH
 TIMING_FIELDS = {"images_per_second", "dispatch_seconds", "eval_seconds"}
-TRAIN_FIELDS = {"step", "epoch", "train_loss", "train_accuracy", "grad_norm", "images_per_second", "dispatch_seconds"}
+TRAIN_FIELDS = {"step", "epoch", "train_loss", "train_accuracy", "grad_norm", "images_per_second", "dispatch_seconds"} | {
+    f"grad_norm_{layer}" for layer in ("conv1_1", "conv2_1", "dense1", "head")  # --conv_blocks=8;16 --dense_features=32
+}
 EVAL_FIELDS = {
     "step", "epoch", "train_loss", "train_accuracy",
     "test_loss", "test_accuracy", "test_error_rate", "test_examples", "eval_seconds",
+    "test_ece", "test_saturated_fraction", "test_true_class_p1mp",
 }
 
 RUN_TIMEOUT_S = 240  # per subprocess; a normal run takes 3-10 s

@@ -102,3 +102,44 @@ def test_summarize_eval():
 def test_unknown_optimizer_lists_valid_ones():
     with pytest.raises(ValueError, match="adam, sgd"):
         train.make_optimizer("rmsprop", 0.1)
+
+
+def test_per_layer_gradient_norms_make_up_the_global_norm():
+    tx = optax.sgd(0.1)
+    graphdef, state = train.init_train_state(TINY, tx, seed=0)
+    _, metrics = train.make_train_step(graphdef, tx, losses.get_loss("sigmoid_mse"))(state, random_batch(4))
+    layers = [k for k in metrics if k.startswith("grad_norm_")]
+    assert sorted(layers) == sorted(f"grad_norm_{name}" for name in ("conv1_1", "conv2_1", "dense1", "head"))
+    np.testing.assert_allclose(sum(float(metrics[k]) ** 2 for k in layers), float(metrics["grad_norm"]) ** 2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss_name", losses.LOSS_NAMES)
+def test_eval_diagnostics_against_numpy(loss_name):
+    loss = losses.get_loss(loss_name)
+    graphdef, state = train.init_train_state(TINY, optax.sgd(0.1), seed=0)
+    batch = random_batch(5, batch=40)
+    batch["images"] = batch["images"] * 20  # spread the logits: some saturated outputs, several bins
+    batch["mask"] = np.arange(40) < 33
+    sums = jax.jit(lambda p, b: train.eval_sums_body(p, b, graphdef=graphdef, loss=loss))(state.params, batch)
+    got = train.summarize_eval(jax.tree.map(np.asarray, sums))
+
+    logits = np.asarray(models.apply_model(graphdef, state.params, batch["images"]), np.float64)[:33]
+    labels = batch["labels"][:33]
+    if loss_name == "sigmoid_mse":
+        outputs = 1 / (1 + np.exp(-logits))
+    else:
+        outputs = np.exp(logits - logits.max(-1, keepdims=True))
+        outputs /= outputs.sum(-1, keepdims=True)
+    normalised = outputs / outputs.sum(-1, keepdims=True)
+    confidence, predicted = normalised.max(-1), logits.argmax(-1)
+    ece = 0.0
+    for b in range(train.ECE_BINS):
+        in_bin = np.minimum((confidence * train.ECE_BINS).astype(int), train.ECE_BINS - 1) == b
+        if in_bin.any():
+            ece += abs(np.mean(predicted[in_bin] == labels[in_bin]) - confidence[in_bin].mean()) * in_bin.sum() / 33
+    true_p = outputs[np.arange(33), labels]
+    np.testing.assert_allclose(got["ece"], ece, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got["true_class_p1mp"], np.mean(true_p * (1 - true_p)), rtol=1e-4, atol=1e-7)
+    saturated = np.mean(((outputs < 0.01) | (outputs > 0.99)).mean(-1))
+    np.testing.assert_allclose(got["saturated_fraction"], saturated, rtol=1e-5, atol=1e-7)
+    assert got["count"] == 33

@@ -42,7 +42,11 @@ def main(argv):
             losses = study.check_losses([x for x in flags.FLAGS.losses.split(",") if x])
             config_lib.Config(**{**config.to_dict(), "loss": losses[0]}).validate()
             train_cli.start_jax()
-            results = study.run_study(config, workdir, losses, config.num_seeds)
+            try:
+                rates = [float(x) for x in flags.FLAGS.lr_sweep if x]
+            except ValueError:
+                raise config_lib.ConfigError(f"--lr_sweep={','.join(flags.FLAGS.lr_sweep)!r} must be numbers.") from None
+            results = study.run_study(config, workdir, losses, config.num_seeds, lr_sweep=rates)
             path = os.path.join(workdir, study.REPORT_FILE)
         print(f"report: {path}")
         for line in study.findings(results):
@@ -57,6 +61,8 @@ if __name__ == "__main__":
     train_cli.define_config_flags()
     train_cli.define_distributed_flags()
     flags.DEFINE_string("losses", ",".join(LOSS_NAMES), "Comma-separated losses to compare.")
+    flags.DEFINE_list("lr_sweep", [], "Extra learning rates per head (e.g. 3e-4,3e-3): the report adds each "
+                      "head at its best rate next to the same-rate comparison.")
     flags.DEFINE_bool("report_only", False, "Regenerate plots and report.md from results.json; no training.")
     flags.FLAGS.set_default("num_seeds", 3)
     app.run(main)

@@ -65,8 +65,14 @@ def summarize(values: Sequence[float]) -> dict[str, Any]:
     return {"n": n, "mean": mean, "std": std, "ci95": [mean - half, mean + half]}
 
 
-def study_config(base: Config, loss: str, num_seeds: int) -> Config:
-    return dataclasses.replace(base, loss=loss, num_seeds=num_seeds)
+def study_config(base: Config, loss: str, num_seeds: int, learning_rate: float | None = None) -> Config:
+    return dataclasses.replace(base, loss=loss, num_seeds=num_seeds,
+                               learning_rate=base.learning_rate if learning_rate is None else learning_rate)
+
+
+def sweep_dir(workdir: str, loss: str, learning_rate: float) -> str:
+    """Where a swept run lives; the base learning rate's run is ``workdir/<loss>`` itself."""
+    return os.path.join(workdir, f"{loss}_lr{learning_rate:g}")
 
 
 def check_losses(losses: Sequence[str]) -> tuple[str, ...]:
@@ -77,18 +83,36 @@ def check_losses(losses: Sequence[str]) -> tuple[str, ...]:
     return losses
 
 
-def run_study(base: Config, workdir: str, losses: Sequence[str], num_seeds: int, show_progress: bool = True) -> dict:
-    """Trains every loss (seeds vmapped), then writes results.json, the plots and report.md."""
+def check_learning_rates(learning_rates: Sequence[float], base: float) -> tuple[float, ...]:
+    rates = tuple(float(x) for x in learning_rates)
+    if any(not rate > 0 for rate in rates):
+        raise ConfigError(f"--lr_sweep={','.join(map(str, rates))!r}: learning rates must be positive.")
+    return tuple(sorted(set(rates) - {base}))
+
+
+def run_study(
+    base: Config,
+    workdir: str,
+    losses: Sequence[str],
+    num_seeds: int,
+    show_progress: bool = True,
+    lr_sweep: Sequence[float] = (),
+) -> dict:
+    """Trains every loss (seeds vmapped) at the base learning rate and at each ``lr_sweep`` rate,
+    then writes results.json, the plots and report.md."""
     from softsig.run import train_and_evaluate  # the study is the only caller that trains
 
     losses = check_losses(losses)
     if num_seeds < 1:
         raise ConfigError(f"--num_seeds={num_seeds} must be positive.")
-    for loss in losses:
-        study_config(base, loss, num_seeds).validate()  # every bad flag before the first run
-    for loss in losses:
-        train_and_evaluate(study_config(base, loss, num_seeds), os.path.join(workdir, loss), show_progress=show_progress)
-    results = collect_results(workdir, losses)
+    extra_rates = check_learning_rates(lr_sweep, base.learning_rate)
+    runs = [(loss, None, os.path.join(workdir, loss)) for loss in losses]
+    runs += [(loss, rate, sweep_dir(workdir, loss, rate)) for loss in losses for rate in extra_rates]
+    for loss, rate, _ in runs:
+        study_config(base, loss, num_seeds, rate).validate()  # every bad flag before the first run
+    for loss, rate, run_dir in runs:
+        train_and_evaluate(study_config(base, loss, num_seeds, rate), run_dir, show_progress=show_progress)
+    results = collect_results(workdir, losses, extra_rates)
     write_results(results, workdir)
     write_report(results, workdir)
     return results
@@ -108,8 +132,12 @@ def _per_seed(value: Any) -> list[float]:
     return [float(v) for v in value] if isinstance(value, list) else [float(value)]
 
 
-def collect_results(workdir: str, losses: Sequence[str]) -> dict[str, Any]:
-    """results.json's content, from each loss's config.json and metrics.jsonl."""
+def _final_errors(run_dir: str) -> list[float]:
+    return [float(v) for v in _per_seed(_eval_records(run_dir)[-1]["test_error_rate"])]
+
+
+def collect_results(workdir: str, losses: Sequence[str], extra_rates: Sequence[float] = ()) -> dict[str, Any]:
+    """results.json's content, from each run's config.json and metrics.jsonl."""
     per_loss: dict[str, Any] = {}
     setup: dict[str, Any] = {}
     for loss in losses:
@@ -151,6 +179,21 @@ def collect_results(workdir: str, losses: Sequence[str]) -> dict[str, Any]:
                 "versions": described["versions"],
             }
     results: dict[str, Any] = {"setup": setup, "losses": per_loss}
+    if extra_rates:
+        sweep = {}
+        for loss in per_loss:
+            rates = {per_loss[loss]["learning_rate"]: _final_errors(os.path.join(workdir, loss))}
+            rates.update({rate: _final_errors(sweep_dir(workdir, loss, rate)) for rate in extra_rates})
+            best = min(rates, key=lambda rate: np.mean(rates[rate]))
+            sweep[loss] = {"learning_rates": sorted(rates), "final_test_error": {
+                f"{rate:g}": summarize(rates[rate]) for rate in sorted(rates)}, "best_learning_rate": best,
+                "best_final_errors": rates[best]}
+        results["lr_sweep"] = sweep
+        if len(sweep) == 2:
+            first, second = list(sweep)
+            diffs = [a - b for a, b in zip(sweep[first]["best_final_errors"], sweep[second]["best_final_errors"])]
+            results["lr_sweep_paired_difference"] = {"minuend": first, "subtrahend": second,
+                                                     "final_test_error": summarize(diffs)}
     if len(per_loss) == 2:
         first, second = list(per_loss)
         a, b = per_loss[first], per_loss[second]
@@ -301,6 +344,21 @@ def findings(results: dict) -> list[str]:
             )
         else:
             lines.append(f"Only one seed: no confidence interval for the difference ({100 * summary['mean']:+.2f} pp).")
+    sweep = results.get("lr_sweep")
+    if sweep:
+        best = ", ".join(f"{LABELS.get(loss, loss)} at lr {s['best_learning_rate']:g} "
+                         f"({_pct(np.mean(s['best_final_errors']))})" for loss, s in sweep.items())
+        lines.append(f"Each head at its best learning rate of the sweep: {best}.")
+        paired_best = results.get("lr_sweep_paired_difference")
+        if paired_best and paired_best["final_test_error"]["n"] > 1:
+            summary = paired_best["final_test_error"]
+            low, high = summary["ci95"]
+            lines.append(
+                f"At the best learning rates, paired difference ({LABELS.get(paired_best['minuend'])} minus "
+                f"{LABELS.get(paired_best['subtrahend'])}): {100 * summary['mean']:+.2f} pp, 95% CI "
+                f"[{100 * low:+.2f}, {100 * high:+.2f}] pp ("
+                + ("excludes zero)." if low > 0 or high < 0 else "includes zero).")
+            )
     for loss, r in losses.items():
         first = np.mean([row[0] for row in r["per_seed"]["train_loss"]])
         last = np.mean([row[-1] for row in r["per_seed"]["test_loss"]])
@@ -363,6 +421,15 @@ def render_report(results: dict, plot_names: dict[str, str]) -> str:
         for loss, r in losses.items():
             cells = [f"{np.mean([row[-1] for row in r['per_seed'][name]]):.4f}" for name in diagnostics]
             lines.append(f"| {LABELS.get(loss, loss)} | " + " | ".join(cells) + " |")
+    if results.get("lr_sweep"):
+        sweep = results["lr_sweep"]
+        rates = sorted({rate for s in sweep.values() for rate in s["learning_rates"]})
+        lines += ["", "## Learning-rate sweep: final test error (mean over seeds)", "",
+                  "| head | " + " | ".join(f"lr {rate:g}" for rate in rates) + " | best |", "|---|" + "---|" * (len(rates) + 1)]
+        for loss, s in sweep.items():
+            cells = [_pct(s["final_test_error"][f"{rate:g}"]["mean"]) if f"{rate:g}" in s["final_test_error"] else "-"
+                     for rate in rates]
+            lines.append(f"| {LABELS.get(loss, loss)} | " + " | ".join(cells) + f" | {s['best_learning_rate']:g} |")
     lines += ["", "## Findings", ""] + [f"- {line}" for line in findings(results)]
     lines += ["", "## Plots", ""]
     titles = {"loss_curves": "Loss curves", "test_error": "Test error per epoch", "final_test_error": "Final test error",

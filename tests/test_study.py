@@ -79,3 +79,25 @@ def test_tiny_compare_end_to_end_and_report_regenerates_identically(tmp_path):
     again = subprocess.run([*cmd[:3], "--report_only"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {name: digest(tmp_path / name) for name in ARTIFACTS} == before
+
+
+def test_lr_sweep_reports_each_head_at_its_best_rate(tmp_path):
+    from softsig.config import Config
+
+    base = Config(dataset="synthetic", train_split="train[:256]", test_split="test[:100]", batch_size=32,
+                  eval_batch_size=50, epochs=1, conv_blocks="8;16", dense_features="32", learning_rate=1e-3,
+                  parallel="none")
+    results = study.run_study(base, str(tmp_path), study.LOSS_NAMES, num_seeds=2, show_progress=False,
+                              lr_sweep=[1e-2, 1e-3])  # the base rate listed again is not run twice
+    assert sorted(os.listdir(tmp_path / "sigmoid_mse_lr0.01")) and not (tmp_path / "sigmoid_mse_lr0.001").exists()
+    for loss, sweep in results["lr_sweep"].items():
+        assert sweep["learning_rates"] == [1e-3, 1e-2]
+        means = {rate: sweep["final_test_error"][f"{rate:g}"]["mean"] for rate in sweep["learning_rates"]}
+        assert sweep["best_learning_rate"] == min(means, key=means.get)
+        assert len(sweep["best_final_errors"]) == 2
+        assert np.mean(sweep["best_final_errors"]) == pytest.approx(means[sweep["best_learning_rate"]])
+    paired = results["lr_sweep_paired_difference"]["final_test_error"]
+    mse, ce = (results["lr_sweep"][loss]["best_final_errors"] for loss in ("sigmoid_mse", "softmax_cross_entropy"))
+    np.testing.assert_allclose(paired["mean"], np.mean(np.subtract(mse, ce)))
+    report = (tmp_path / "report.md").read_text()
+    assert "## Learning-rate sweep" in report and "best learning rate of the sweep" in report

@@ -184,8 +184,8 @@ def _train_and_evaluate(config: Config, workdir: str, show_progress: bool, sigte
     checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir, keep=config.keep_checkpoints)
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
     progress = metrics_lib.Progress(total_steps, enabled=show_progress and is_main)
-    zero_sums = {"loss": as_record(np.zeros(len(seeds))) if vmap_seeds else 0.0,
-                 "accuracy": as_record(np.zeros(len(seeds))) if vmap_seeds else 0.0, "steps": 0}
+    zero = as_record(np.zeros(len(seeds))) if vmap_seeds else 0.0
+    zero_sums = {"loss": zero, "accuracy": zero, "steps": 0}
     epoch_sums = zero_sums
     last_eval: dict[str, Any] = {}
 

@@ -37,6 +37,8 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Timed train steps per repetition.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (the median is reported).")
 _AUGMENT = flags.DEFINE_bool("augment", False, "Include on-device augmentation in the pipeline.")
 _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 10_000, "Device-resident training examples.")
+_HOST_LOOP = flags.DEFINE_enum("host_loop", "auto", ["auto", "true", "false"],
+                               "Chunk as a host loop of one-step calls (auto: on CPU) or one lax.scan.")
 _NUM_SEEDS = flags.DEFINE_integer("num_seeds", 1, "Seeds trained as one vmapped program (images/s counts all seeds).")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")
 
@@ -81,7 +83,7 @@ def main(argv):
     programs = pipeline.Programs(
         dp, graphdef, tx, losses.get_loss(config.loss),
         global_batch=config.batch_size, eval_batch=config.batch_size * 4, norm=norm, use_augment=config.augment,
-        vmap_seeds=_NUM_SEEDS.value > 1,
+        vmap_seeds=_NUM_SEEDS.value > 1, host_loop=None if _HOST_LOOP.value == "auto" else _HOST_LOOP.value == "true",
     )
     state = dp.put(state, parallel.REPLICATED)
     train_data = pipeline.put_dataset(dp, split.images, split.labels)

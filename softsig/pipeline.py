@@ -252,7 +252,8 @@ class Programs:
         return self._chunks[num_steps](state, data, np.int32(epoch), np.int32(first_step))
 
     def evaluate(self, state: train.TrainState, data: DeviceDataset) -> dict[str, float]:
-        """Loss, accuracy, error rate and count over the whole split (host floats)."""
+        """Loss, accuracy, error rate, count and diagnostics over the whole split (host floats,
+        or per-seed lists with ``vmap_seeds``)."""
         if data.labels.shape[-1] % self.eval_batch:
             raise ValueError("evaluation data must be padded to a multiple of eval_batch (use put_dataset).")
         sums = self.dp.get(self._evaluate(state.params, data), REPLICATED)

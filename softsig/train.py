@@ -134,7 +134,7 @@ def eval_sums_body(
     """Sums over the batch's unmasked examples: loss, correct predictions, count, and diagnostics.
 
     Sums (not means) so padded batches and several devices combine exactly. Diagnostics:
-    per-confidence-bin counts for the expected calibration error (the head's outputs
+    per-confidence-bin confidence and correct sums for the expected calibration error (the head's outputs
     normalised to sum to one: for sigmoid + MSE that is p / sum(p)), the number of saturated
     outputs (p < 0.01 or p > 0.99 before normalising), and the sum of p(1-p) on the true class
     (the factor that scales sigmoid + MSE's gradient and vanishes when saturated).
@@ -144,8 +144,7 @@ def eval_sums_body(
     if mask is None:
         mask = jnp.ones(batch["labels"].shape, bool)
     per_example = loss.with_integer_labels(logits, batch["labels"])
-    predicted = jnp.argmax(logits, -1)
-    correct = predicted == batch["labels"]
+    correct = jnp.argmax(logits, -1) == batch["labels"]
     outputs = loss.probabilities(logits)
     normalised = outputs / jnp.sum(outputs, -1, keepdims=True)
     confidence = jnp.max(normalised, -1)
@@ -157,7 +156,6 @@ def eval_sums_body(
         "loss_sum": jnp.sum(jnp.where(mask, per_example, 0.0)),
         "correct": jnp.sum(jnp.where(mask, correct, False), dtype=jnp.int32),
         "count": jnp.sum(mask, dtype=jnp.int32),
-        "bin_count": jnp.sum(in_bin, 0),
         "bin_confidence": jnp.sum(in_bin * confidence[:, None], 0),
         "bin_correct": jnp.sum(in_bin * correct[:, None], 0),
         "saturated_sum": jnp.sum(jnp.where(mask, saturated, 0.0)),
@@ -173,7 +171,7 @@ def summarize_eval(sums: Metrics, prefix: str = "") -> dict[str, Any]:
     accuracy = np.asarray(sums["correct"], np.float64) / denominator
     values = {"loss": np.asarray(sums["loss_sum"], np.float64) / denominator, "accuracy": accuracy,
               "error_rate": 1.0 - accuracy, "count": count}
-    if "bin_count" in sums:
+    if "bin_correct" in sums:
         gap = np.abs(np.asarray(sums["bin_correct"], np.float64) - np.asarray(sums["bin_confidence"], np.float64))
         values["ece"] = gap.sum(-1) / denominator  # sum_b |acc_b - conf_b| n_b / N
         values["true_class_p1mp"] = np.asarray(sums["true_class_p1mp"], np.float64) / denominator

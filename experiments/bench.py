@@ -1,18 +1,30 @@
 r"""Throughput of the softsig train step, input pipeline and evaluation on this machine.
 
   python experiments/bench.py --batch_size=128 --output=bench.json
+  python experiments/bench.py --peers=keras,torch,torch_channels_last --rounds=5   # pip install -e .[bench]
 
 Reports images/s (median over timed dispatches, after warm-up), achieved GFLOP/s and its
-fraction of an f32 matmul peak measured in the same run, compile time, and the on-device
-input pipeline's images/s (gather + normalise [+ augment]) against the step's consumption.
-Synthetic data only: the numbers do not depend on pixel values.
+fraction of an f32 matmul peak measured in the same run, compile time, time from process
+start to the first finished train step, the wall time of one epoch (train + eval over
+``--num_examples``), and the on-device input pipeline's images/s (gather + normalise
+[+ augment]) against the step's consumption. Synthetic data only: the numbers do not depend
+on pixel values.
+
+With ``--peers``, the same CNN and optimizer in other frameworks (``experiments/peers.py``,
+each in its own process) are timed in interleaved rounds with the softsig step: in every
+round each implementation runs ``--steps`` steps in turn, and ratios are taken within a
+round, so machine-wide slowdowns cancel.
 """
 
-import json
-import os
-import statistics
-import sys
 import time
+
+_PROCESS_START = time.perf_counter()  # "time to first step" counts imports too
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
 
 from softsig import launch  # noqa: E402  (imports nothing heavy)
 
@@ -20,6 +32,9 @@ launch.reexec_with_tuned_cpu_environment()  # before jax is imported
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peers import compare_with_peers, format_peer_table  # noqa: E402  (experiments/peers.py)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -40,6 +55,14 @@ _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 10_000, "Device-resident tr
 _HOST_LOOP = flags.DEFINE_enum("host_loop", "auto", ["auto", "true", "false"],
                                "Chunk as a host loop of one-step calls (auto: on CPU) or one lax.scan.")
 _NUM_SEEDS = flags.DEFINE_integer("num_seeds", 1, "Seeds trained as one vmapped program (images/s counts all seeds).")
+_WEIGHT_GRAD_CHUNK = flags.DEFINE_integer(
+    "weight_grad_chunk", None, "Images per chunk of the conv kernel gradient (0: plain XLA conv "
+    "gradient; default: the model's, 16 on CPU, off on GPU/TPU).")
+_EPOCH = flags.DEFINE_bool("epoch", True, "Also time one full epoch (train + eval over --num_examples).")
+_CACHE = flags.DEFINE_bool("compilation_cache", True, "Use the persistent compilation cache (off: cold compile).")
+_PEERS = flags.DEFINE_list("peers", [], "Peer implementations to time against softsig, interleaved: "
+                           "keras, keras_xla, torch, torch_channels_last, torch_compile (need .[bench]).")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds when --peers is given.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")
 
 
@@ -64,7 +87,8 @@ def main(argv):
     from softsig import config as config_lib
     from softsig import data, losses, models, parallel, pipeline, run, train
 
-    run.enable_compilation_cache()
+    if _CACHE.value:
+        run.enable_compilation_cache()
     start_time = time.perf_counter()
     config = config_lib.Config(
         loss=_LOSS.value, batch_size=_BATCH.value, parallel=_PARALLEL.value, compute_dtype=_DTYPE.value,
@@ -74,6 +98,8 @@ def main(argv):
     config.check_devices(dp.num_devices)
     split = data.load_split("synthetic", f"train[:{_NUM_EXAMPLES.value}]")
     model_config = run.model_config_for(config, data.SYNTHETIC_INFO)
+    if _WEIGHT_GRAD_CHUNK.value is not None:
+        model_config = dataclasses.replace(model_config, weight_grad_chunk=_WEIGHT_GRAD_CHUNK.value)
     tx = train.make_optimizer("adam", 1e-3)
     graphdef, state = train.init_train_state(model_config, tx, seed=0)
     state = jax.tree.map(np.asarray, state)
@@ -94,7 +120,7 @@ def main(argv):
     state, _ = programs.train_chunk(state, train_data, 0, 0, 1)
     jax.block_until_ready(state)
     first_step_seconds = time.perf_counter() - start
-    time_to_first_step = time.perf_counter() - start_time
+    time_to_first_step = time.perf_counter() - _PROCESS_START
 
     steps_per_epoch = pipeline.steps_per_epoch(split.num_examples, config.batch_size)
     position = {"step": 1}
@@ -138,6 +164,23 @@ def main(argv):
     input_seconds = _median_seconds(lambda: input_only(*host_data, key), _REPEATS.value)
     input_ips = steps_per_epoch * config.batch_size / input_seconds
 
+    epoch_seconds = None
+    if _EPOCH.value:
+        start = time.perf_counter()
+        for first in range(0, steps_per_epoch, config.steps_per_dispatch):
+            state, _ = programs.train_chunk(state, train_data, 1, first, min(config.steps_per_dispatch, steps_per_epoch - first))
+        programs.evaluate(state, eval_data)  # returns host values: synchronised
+        epoch_seconds = time.perf_counter() - start
+
+    peers = {}
+    if _PEERS.value:
+        def softsig_round():
+            start = time.perf_counter()
+            jax.block_until_ready(train_steps())
+            return position["count"] * config.batch_size * _NUM_SEEDS.value / (time.perf_counter() - start)
+
+        peers = compare_with_peers(softsig_round, _PEERS.value, config.batch_size, _STEPS.value, _ROUNDS.value)
+
     peak = matmul_peak_gflops()
     flops_per_image = 3 * models.flops_per_example(model_config)
     achieved = train_ips * flops_per_image / 1e9
@@ -150,6 +193,7 @@ def main(argv):
         "batch_size": config.batch_size,
         "num_seeds": _NUM_SEEDS.value,
         "compute_dtype": config.compute_dtype,
+        "weight_grad_chunk": models.resolve_weight_grad_chunk(model_config.weight_grad_chunk),
         "host_loop": programs.host_loop,
         "train_images_per_second": train_ips,
         "eval_images_per_second": eval_ips,
@@ -160,14 +204,23 @@ def main(argv):
         "matmul_peak_gflops": peak,
         "fraction_of_matmul_peak": achieved / peak,
         "init_seconds": init_seconds,
+        "epoch_seconds": epoch_seconds,
+        "epoch_examples": split.num_examples,
+        "compilation_cache": _CACHE.value,
         "first_step_seconds": first_step_seconds,
         "time_to_first_step_seconds": time_to_first_step,
         **launch.describe_environment(),
         "command": " ".join(sys.argv),
     }
+    if peers:
+        results["interleaved"] = peers
     width = max(map(len, results))
     for name, value in results.items():
+        if name == "interleaved":
+            continue
         print(f"{name:<{width}}  {value:,.3f}" if isinstance(value, float) else f"{name:<{width}}  {value}")
+    if peers:
+        print(format_peer_table(peers, config.batch_size))
     if _OUTPUT.value:
         with open(_OUTPUT.value, "w") as f:
             json.dump(results, f, indent=2)

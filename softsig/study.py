@@ -1,8 +1,11 @@
 """The sigmoid-MSE vs softmax-CE study: seeds x losses, statistics, plots and report.md.
 
-Each loss trains ``num_seeds`` seeds as one vmapped program (``Config.num_seeds``) in
-``workdir/<loss>``, with the full checkpoint/resume behaviour of a single run, so an
-interrupted comparison resumes where it stopped. Seeds are paired across losses: seed
+Each loss trains ``num_seeds`` seeds, with the full checkpoint/resume behaviour of a single
+run, so an interrupted comparison resumes where it stopped. On GPU/TPU the seeds are one
+vmapped program (``Config.num_seeds``) in ``workdir/<loss>``; on CPU, where a vmapped
+program runs at about half the per-seed speed (BUILD_NOTES.md), they are separate runs in
+``workdir/<loss>/seed_<s>`` by default (``vmap_seeds`` chooses). Both give the same per-seed
+results (tested). Seeds are paired across losses: seed
 ``s`` has the same initial parameters and data order under both heads, so the
 per-seed difference of final test errors is a paired sample.
 
@@ -32,6 +35,7 @@ DIAGNOSTICS = {  # per-epoch eval fields (absent in runs made before they existe
     "test_saturated_fraction": "fraction of outputs with p < 0.01 or p > 0.99",
     "test_true_class_p1mp": "mean p(1-p) on the true class",
 }
+SEED_MODES = {"vmapped": "vmapped", "sequential": "one run per seed"}
 LABELS = {"sigmoid_mse": "sigmoid + MSE", "softmax_cross_entropy": "softmax + CE"}
 COLORS = {"sigmoid_mse": "tab:orange", "softmax_cross_entropy": "tab:blue"}
 
@@ -90,6 +94,36 @@ def check_learning_rates(learning_rates: Sequence[float], base: float) -> tuple[
     return tuple(sorted(set(rates) - {base}))
 
 
+def seed_dir(run_dir: str, seed: int) -> str:
+    """Where seed ``seed`` of a run lives when seeds are trained one after another."""
+    return os.path.join(run_dir, f"seed_{seed}")
+
+
+def _seed_dirs(run_dir: str) -> list[str]:
+    names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
+    seeds = sorted(int(name[len("seed_"):]) for name in names if name.startswith("seed_") and name[5:].isdigit())
+    return [seed_dir(run_dir, seed) for seed in seeds]
+
+
+def resolve_vmap_seeds(vmap_seeds: bool | None) -> bool:
+    """None: vmapped on GPU/TPU, one run per seed on CPU."""
+    if vmap_seeds is not None:
+        return vmap_seeds
+    import jax
+
+    return jax.default_backend() != "cpu"
+
+
+def check_seed_layout(run_dir: str, vmap_seeds: bool) -> None:
+    """A resumed study must keep the seed layout it started with."""
+    if vmap_seeds and _seed_dirs(run_dir):
+        raise ConfigError(f"{run_dir} holds one run per seed (started with --vmap_seeds=false); "
+                          "resume with --vmap_seeds=false or use a new --workdir.")
+    if not vmap_seeds and os.path.exists(os.path.join(run_dir, "config.json")):
+        raise ConfigError(f"{run_dir} holds vmapped seeds (started with --vmap_seeds=true); "
+                          "resume with --vmap_seeds=true or use a new --workdir.")
+
+
 def run_study(
     base: Config,
     workdir: str,
@@ -97,21 +131,30 @@ def run_study(
     num_seeds: int,
     show_progress: bool = True,
     lr_sweep: Sequence[float] = (),
+    vmap_seeds: bool | None = None,
 ) -> dict:
-    """Trains every loss (seeds vmapped) at the base learning rate and at each ``lr_sweep`` rate,
-    then writes results.json, the plots and report.md."""
+    """Trains every loss at the base learning rate and at each ``lr_sweep`` rate (seeds vmapped,
+    or one run per seed: ``resolve_vmap_seeds``), then writes results.json, the plots and report.md."""
     from softsig.run import train_and_evaluate  # the study is the only caller that trains
 
     losses = check_losses(losses)
     if num_seeds < 1:
         raise ConfigError(f"--num_seeds={num_seeds} must be positive.")
+    vmap_seeds = resolve_vmap_seeds(vmap_seeds) or num_seeds == 1
     extra_rates = check_learning_rates(lr_sweep, base.learning_rate)
     runs = [(loss, None, os.path.join(workdir, loss)) for loss in losses]
     runs += [(loss, rate, sweep_dir(workdir, loss, rate)) for loss in losses for rate in extra_rates]
-    for loss, rate, _ in runs:
-        study_config(base, loss, num_seeds, rate).validate()  # every bad flag before the first run
     for loss, rate, run_dir in runs:
-        train_and_evaluate(study_config(base, loss, num_seeds, rate), run_dir, show_progress=show_progress)
+        study_config(base, loss, num_seeds, rate).validate()  # every bad flag before the first run
+        check_seed_layout(run_dir, vmap_seeds)
+    for loss, rate, run_dir in runs:
+        config = study_config(base, loss, num_seeds, rate)
+        if vmap_seeds:
+            train_and_evaluate(config, run_dir, show_progress=show_progress)
+            continue
+        for seed in range(base.seed, base.seed + num_seeds):
+            single = dataclasses.replace(config, seed=seed, num_seeds=1)
+            train_and_evaluate(single, seed_dir(run_dir, seed), show_progress=show_progress)
     results = collect_results(workdir, losses, extra_rates)
     write_results(results, workdir)
     write_report(results, workdir)
@@ -124,8 +167,35 @@ def read_metrics(run_dir: str) -> list[dict]:
     return read(run_dir)
 
 
+def load_run(run_dir: str) -> tuple[dict, list[dict]]:
+    """``(config.json, metrics records)`` of a study run in either seed layout.
+
+    One run per seed is merged into the vmapped form: per-seed fields become lists in seed
+    order; ``step``, ``epoch`` and ``config.json`` come from the first seed.
+    """
+    config_path = os.path.join(run_dir, "config.json")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            return json.load(f), read_metrics(run_dir)
+    dirs = _seed_dirs(run_dir)
+    if not dirs:
+        raise RuntimeError(f"{run_dir} has no runs yet; train it first.")
+    with open(os.path.join(dirs[0], "config.json")) as f:
+        described = json.load(f)
+    described["config"] = {**described["config"], "num_seeds": len(dirs), "seed_mode": "sequential"}
+    per_seed = [read_metrics(d) for d in dirs]
+    records = []
+    for group in zip(*per_seed):  # records a seed has not written yet are left out
+        merged = dict(group[0])
+        for name, value in group[0].items():
+            if name not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                merged[name] = [record.get(name) for record in group]
+        records.append(merged)
+    return described, records
+
+
 def _eval_records(run_dir: str) -> list[dict]:
-    return [r for r in read_metrics(run_dir) if "test_loss" in r]
+    return [r for r in load_run(run_dir)[1] if "test_loss" in r]
 
 
 def _per_seed(value: Any) -> list[float]:
@@ -142,16 +212,15 @@ def collect_results(workdir: str, losses: Sequence[str], extra_rates: Sequence[f
     setup: dict[str, Any] = {}
     for loss in losses:
         run_dir = os.path.join(workdir, loss)
-        with open(os.path.join(run_dir, "config.json")) as f:
-            described = json.load(f)
-        records = _eval_records(run_dir)
+        described, all_records = load_run(run_dir)
+        records = [r for r in all_records if "test_loss" in r]
         if not records:
             raise RuntimeError(f"{run_dir} has no evaluation records yet; train it first.")
         config = described["config"]
         seeds = list(range(config["seed"], config["seed"] + config.get("num_seeds", 1)))
         names = PER_EPOCH_METRICS + tuple(name for name in DIAGNOSTICS if all(name in r for r in records))
         per_seed = {name: np.asarray([_per_seed(r[name]) for r in records]).T.tolist() for name in names}
-        train_records = [r for r in read_metrics(run_dir) if "train_loss" in r and "test_loss" not in r]
+        train_records = [r for r in all_records if "train_loss" in r and "test_loss" not in r]
         layers = sorted(k[len("grad_norm_"):] for k in train_records[0] if k.startswith("grad_norm_")) if train_records else []
         final_errors = [row[-1] for row in per_seed["test_error_rate"]]
         per_loss[loss] = {
@@ -175,6 +244,7 @@ def collect_results(workdir: str, losses: Sequence[str], extra_rates: Sequence[f
                 "training": {name: config[name] for name in (
                     "optimizer", "learning_rate", "momentum", "batch_size", "epochs", "augment",
                     "train_split", "test_split", "parallel")},
+                "seed_mode": config.get("seed_mode", "vmapped"),
                 "devices": described["devices"],
                 "versions": described["versions"],
             }
@@ -396,7 +466,8 @@ def render_report(results: dict, plot_names: dict[str, str]) -> str:
         f"- Training: {training['optimizer']} (lr {training['learning_rate']}"
         + (f", momentum {training['momentum']}" if training["optimizer"] == "sgd" else "")
         + f"), batch {training['batch_size']}, {training['epochs']} epochs, augmentation "
-        f"{'on' if training['augment'] else 'off'}; seeds {seeds} (vmapped; paired across heads: same init and data order).",
+        f"{'on' if training['augment'] else 'off'}; seeds {seeds} ({SEED_MODES[setup.get('seed_mode', 'vmapped')]}; "
+        "paired across heads: same init and data order).",
         f"- Hardware: {setup['devices']['used']} {setup['devices']['platform']} device(s) "
         f"({', '.join(setup['devices']['kinds'])}), {training['parallel']}; "
         + ", ".join(f"{k} {v}" for k, v in sorted(setup["versions"].items()) if v),

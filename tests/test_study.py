@@ -101,3 +101,38 @@ def test_lr_sweep_reports_each_head_at_its_best_rate(tmp_path):
     np.testing.assert_allclose(paired["mean"], np.mean(np.subtract(mse, ce)))
     report = (tmp_path / "report.md").read_text()
     assert "## Learning-rate sweep" in report and "best learning rate of the sweep" in report
+
+
+def test_one_run_per_seed_gives_the_vmapped_results(tmp_path):
+    """The CPU default (seeds one after another) and the vmapped program agree seed by seed."""
+    from softsig.config import Config, ConfigError
+
+    base = Config(dataset="synthetic", train_split="train[:256]", test_split="test[:100]", batch_size=32,
+                  eval_batch_size=50, epochs=2, conv_blocks="8;16", dense_features="32", parallel="none", seed=3)
+    vmapped = study.run_study(base, str(tmp_path / "v"), study.LOSS_NAMES, num_seeds=2, show_progress=False,
+                              vmap_seeds=True)
+    sequential = study.run_study(base, str(tmp_path / "s"), study.LOSS_NAMES, num_seeds=2, show_progress=False,
+                                 vmap_seeds=False)
+    assert sorted(os.listdir(tmp_path / "s" / "sigmoid_mse")) == ["seed_3", "seed_4"]
+    assert sequential["setup"]["seed_mode"] == "sequential" and vmapped["setup"]["seed_mode"] == "vmapped"
+    for loss in study.LOSS_NAMES:
+        a, b = vmapped["losses"][loss], sequential["losses"][loss]
+        assert a["seeds"] == b["seeds"] == [3, 4] and a["epochs"] == b["epochs"]
+        for name in study.PER_EPOCH_METRICS:
+            np.testing.assert_allclose(b["per_seed"][name], a["per_seed"][name], rtol=1e-4, atol=1e-5, err_msg=name)
+        assert set(b["grad_norms"]["layers"]) == set(a["grad_norms"]["layers"])
+    np.testing.assert_allclose(sequential["paired_difference"]["final_test_error"]["mean"],
+                               vmapped["paired_difference"]["final_test_error"]["mean"], atol=1e-6)
+    assert "(one run per seed;" in (tmp_path / "s" / "report.md").read_text()
+    assert "(vmapped;" in (tmp_path / "v" / "report.md").read_text()
+    with pytest.raises(ConfigError, match="vmap_seeds=false"):  # a resume must keep its layout
+        study.run_study(base, str(tmp_path / "s"), study.LOSS_NAMES, num_seeds=2, show_progress=False,
+                        vmap_seeds=True)
+    with pytest.raises(ConfigError, match="vmap_seeds=true"):
+        study.run_study(base, str(tmp_path / "v"), study.LOSS_NAMES, num_seeds=2, show_progress=False,
+                        vmap_seeds=False)
+
+
+def test_resolve_vmap_seeds():
+    assert study.resolve_vmap_seeds(True) is True and study.resolve_vmap_seeds(False) is False
+    assert study.resolve_vmap_seeds(None) is False  # these tests run on CPU

@@ -160,13 +160,19 @@ class PeerWorker:
     def images_per_second(self, steps: int) -> float:
         self.process.stdin.write(f"run {steps}\n")
         self.process.stdin.flush()
-        return steps * self.batch_size / self._read()["seconds"]
+        reply = self._read()
+        if "seconds" not in reply:
+            raise RuntimeError(f"peer {self.impl} stopped during a timed round: {reply.get('error', reply)}")
+        return steps * self.batch_size / reply["seconds"]
 
     def close(self) -> None:
         if self.process.poll() is None:
-            self.process.stdin.write("quit\n")
-            self.process.stdin.close()
-            self.process.wait(timeout=60)
+            try:
+                self.process.stdin.write("quit\n")
+                self.process.stdin.close()
+                self.process.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
 
 
 def compare_with_peers(softsig_round, impls, batch_size: int, steps: int, rounds: int, pause: float = 0.5) -> dict:

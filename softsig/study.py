@@ -3,7 +3,7 @@
 Each loss trains ``num_seeds`` seeds, with the full checkpoint/resume behaviour of a single
 run, so an interrupted comparison resumes where it stopped. On GPU/TPU the seeds are one
 vmapped program (``Config.num_seeds``) in ``workdir/<loss>``; on CPU, where a vmapped
-program runs at about half the per-seed speed (BUILD_NOTES.md), they are separate runs in
+program of 3 seeds trains ~35% fewer images/s than one seed alone (BUILD_NOTES.md), they are separate runs in
 ``workdir/<loss>/seed_<s>`` by default (``vmap_seeds`` chooses). Both give the same per-seed
 results (tested). Seeds are paired across losses: seed
 ``s`` has the same initial parameters and data order under both heads, so the

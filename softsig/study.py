@@ -252,7 +252,8 @@ def collect_results(workdir: str, losses: Sequence[str], extra_rates: Sequence[f
     if extra_rates:
         sweep = {}
         for loss in per_loss:
-            rates = {per_loss[loss]["learning_rate"]: _final_errors(os.path.join(workdir, loss))}
+            base_errors = [row[-1] for row in per_loss[loss]["per_seed"]["test_error_rate"]]  # already read
+            rates = {per_loss[loss]["learning_rate"]: base_errors}
             rates.update({rate: _final_errors(sweep_dir(workdir, loss, rate)) for rate in extra_rates})
             best = min(rates, key=lambda rate: np.mean(rates[rate]))
             sweep[loss] = {"learning_rates": sorted(rates), "final_test_error": {

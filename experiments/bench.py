@@ -16,17 +16,14 @@ round each implementation runs ``--steps`` steps in turn, and ratios are taken w
 round, so machine-wide slowdowns cancel.
 """
 
+import dataclasses
+import json
+import os
+import statistics
+import sys
 import time
 
-_PROCESS_START = time.perf_counter()  # "time to first step" counts imports too
-
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-
-from softsig import launch  # noqa: E402  (imports nothing heavy)
+from softsig import launch  # imports nothing heavy
 
 launch.reexec_with_tuned_cpu_environment()  # before jax is imported
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -120,7 +117,7 @@ def main(argv):
     state, _ = programs.train_chunk(state, train_data, 0, 0, 1)
     jax.block_until_ready(state)
     first_step_seconds = time.perf_counter() - start
-    time_to_first_step = time.perf_counter() - _PROCESS_START
+    time_to_first_step = launch.seconds_since_process_start()  # from the command, imports included
 
     steps_per_epoch = pipeline.steps_per_epoch(split.num_examples, config.batch_size)
     count = min(_STEPS.value, steps_per_epoch)

@@ -12,10 +12,16 @@ Two measurements, both in this one process with interleaved rounds:
    against ``lax`` first.
 2. The weight gradient alone per layer shape: ``lax`` (XLA's transposed conv),
    ``chunked16``, ``p3g3`` (3 column-shifted copies of x against 3 row-shifted copies of g: one
-   matmul of K = B*(H+2)*W), ``dot9`` (9 matmuls on shifted slices), ``p9`` (full im2col^T @ g);
-   next to XLA's forward and input-gradient convs and, with ``--with_tf``, TensorFlow's three
-   conv ops (oneDNN kernels: what Keras runs).
-Reports images/s (1) and milliseconds (2), medians over rounds.
+   matmul of K = B*(H+2)*W), ``dot9`` (9 matmuls on shifted slices), ``p9`` (full im2col^T @ g),
+   and the kernel gradient written as a *forward* conv with the operands' roles swapped:
+   ``swap_x`` (x as the input with channels as batch and images as features, g as a B-input
+   kernel) and ``swap_g`` (g as the input, x as the kernel, output flipped); next to XLA's
+   forward and input-gradient convs, the forward as im2col (``fwd_im2col``) and, with
+   ``--with_tf``, TensorFlow's three conv ops (oneDNN kernels: what Keras runs).
+3. Where the softsig train step's time goes (the real model, Adam, batch on device): forward
+   only, forward + backward, + SGD, + Adam, and the full ``train_step_body`` (diagnostics too).
+   Set against part 2's per-layer sums, it shows how much of the step the convs are.
+Reports images/s (1) and milliseconds (2, 3), medians over rounds; ``--parts`` picks which.
 """
 
 import statistics
@@ -34,6 +40,8 @@ import numpy as np  # noqa: E402
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Batch size.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Train steps per round and variant.")
+_PARTS = flags.DEFINE_list("parts", ["step", "layers", "split"],
+                           "Which measurements: step (1), layers (2), split (3).")
 _WITH_TF = flags.DEFINE_bool("with_tf", True, "Also time TensorFlow's (oneDNN) conv forward/backward ops per layer.")
 
 
@@ -124,7 +132,24 @@ def dx_lax(x, g, w):
     return jax.vjp(lambda x: conv_lax(x, w), x)[1](g)[0]
 
 
-WEIGHT_GRADIENTS = {"lax": dw_lax, "chunked16": dw_chunked16, "p3g3": dw_p3g3, "dot9": dw_dot9, "p9": dw_p9}
+def dw_swap_x(x, g, w):
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))  # [B, H+2, W+2, C]: batch C, features B
+    dw_CHWO = jax.lax.conv_general_dilated(padded, g, (1, 1), "VALID", dimension_numbers=("CHWN", "IHWO", "NHWC"))
+    return dw_CHWO.transpose(1, 2, 0, 3)
+
+
+def dw_swap_g(x, g, w):
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))  # the kernel: [B, H+2, W+2, C] as IHWO
+    dw_OHWC = jax.lax.conv_general_dilated(g, padded, (1, 1), ((2, 2), (2, 2)), dimension_numbers=("CHWN", "IHWO", "NHWC"))
+    return dw_OHWC[:, ::-1, ::-1, :].transpose(1, 2, 3, 0)
+
+
+def fwd_im2col(x, g, w):
+    return conv_im2col(x, w)
+
+
+WEIGHT_GRADIENTS = {"lax": dw_lax, "chunked16": dw_chunked16, "p3g3": dw_p3g3, "dot9": dw_dot9, "p9": dw_p9,
+                    "swap_x": dw_swap_x, "swap_g": dw_swap_g}
 
 
 def tf_conv_ops(x, g, w):
@@ -180,6 +205,15 @@ def _time(fn, *args):
 def main(argv):
     del argv
     batch = _BATCH.value
+    if "step" in _PARTS.value:
+        time_steps(batch)
+    if "layers" in _PARTS.value:
+        time_layers(batch)
+    if "split" in _PARTS.value:
+        time_split(batch)
+
+
+def time_steps(batch):
     params = init(jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (batch, 32, 32, 3))
     y = jax.random.randint(jax.random.key(2), (batch,), 0, 10)
@@ -215,15 +249,18 @@ def main(argv):
     for name, values in rates.items():
         print(f"  {name:11s} {statistics.median(values):7.1f}   rounds {[round(v) for v in values]}")
 
+
+def time_layers(batch):
     print(f"\nper layer, batch {batch}, ms (median of {_ROUNDS.value} interleaved rounds): XLA forward and "
-          "input gradient; kernel gradient (dw) five ways" + ("; TensorFlow's ops" if _WITH_TF.value else ""))
+          f"input gradient, forward as im2col; kernel gradient (dw) {len(WEIGHT_GRADIENTS)} ways" + ("; TensorFlow's ops" if _WITH_TF.value else ""))
     for height, channels, features in [(32, 3, 32), (32, 32, 32), (16, 32, 64), (16, 64, 64)]:
         x_l = jax.random.normal(jax.random.key(0), (batch, height, height, channels))
         w_l = jax.random.normal(jax.random.key(1), (3, 3, channels, features))
         g_l = jax.random.normal(jax.random.key(2), (batch, height, height, features))
         expected = jax.jit(dw_lax)(x_l, g_l, w_l)
-        times = {"fwd": jax.jit(fwd_lax), "dx": jax.jit(dx_lax)}
+        times = {"fwd": jax.jit(fwd_lax), "dx": jax.jit(dx_lax), "fwd_im2col": jax.jit(fwd_im2col)}
         jax.block_until_ready([fn(x_l, g_l, w_l) for fn in times.values()])
+        assert float(jnp.max(jnp.abs(times["fwd_im2col"](x_l, g_l, w_l) - times["fwd"](x_l, g_l, w_l)))) < 1e-3
         for name, fn in WEIGHT_GRADIENTS.items():
             fn = jax.jit(fn)
             got = fn(x_l, g_l, w_l)
@@ -240,6 +277,47 @@ def main(argv):
         gflop = 2 * batch * height * height * 9 * channels * features / 1e9
         print(f"  {height}x{height} {channels:2d}->{features:2d} ({gflop:.2f} GFLOP): " + "  ".join(
             f"{name} {statistics.median(v):6.2f}" for name, v in ms.items()))
+
+
+
+def time_split(batch):
+    import functools
+
+    import optax
+
+    from softsig import config as config_lib
+    from softsig import data, losses, models, run, train
+
+    config = config_lib.Config(batch_size=batch, dataset="synthetic").validate()
+    graphdef, state = train.init_train_state(run.model_config_for(config, data.SYNTHETIC_INFO), train.make_optimizer("adam", 1e-3), 0)
+    tx, loss = train.make_optimizer("adam", 1e-3), losses.get_loss(config.loss)
+    batch_data = {"images": jax.random.normal(jax.random.key(1), (batch, 32, 32, 3)),
+                  "labels": jax.random.randint(jax.random.key(2), (batch,), 0, 10)}
+
+    def loss_of(params):
+        logits = models.apply_model(graphdef, params, batch_data["images"])
+        return jnp.mean(loss.with_integer_labels(logits, batch_data["labels"]))
+
+    def sgd(params):
+        return jax.tree.map(lambda p, g: p - 1e-3 * g, params, jax.grad(loss_of)(params))
+
+    def adam(params, opt_state):
+        updates, opt_state = tx.update(jax.grad(loss_of)(params), opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    step = functools.partial(train.train_step_body, graphdef=graphdef, tx=tx, loss=loss)
+    parts = {"forward": (jax.jit(loss_of), (state.params,)), "forward+backward": (jax.jit(jax.grad(loss_of)), (state.params,)),
+             "+ SGD": (jax.jit(sgd), (state.params,)), "+ Adam": (jax.jit(adam), (state.params, state.opt_state)),
+             "softsig train step": (jax.jit(step), (state, batch_data))}
+    for fn, args in parts.values():
+        jax.block_until_ready(fn(*args))
+    ms = {name: [] for name in parts}
+    for _ in range(_ROUNDS.value):
+        for name, (fn, args) in parts.items():
+            ms[name].append(1e3 * statistics.median(_time(fn, *args) for _ in range(_STEPS.value)))
+    print(f"\nthe softsig step taken apart, batch {batch}, ms (median of {_ROUNDS.value} interleaved rounds)")
+    for name, values in ms.items():
+        print(f"  {name:19s} {statistics.median(values):7.2f}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ orbax's ``latest_step()`` still reports a damaged finished step (truncated or mi
 files), so ``restore_latest`` walks the steps newest-first and falls back, with a
 warning, to the newest one that restores. A kill during an async save leaves only an
 ``*.orbax-checkpoint-tmp`` directory, which orbax ignores.
+
+orbax is imported, and its managers are built, only when a directory already holds a
+checkpoint or on the first save: a fresh run reaches its first training step ~0.3 s sooner.
 """
 
 from __future__ import annotations
@@ -17,14 +20,25 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
+
+_MANAGERS = ("latest", "best")
+
+
+def _ocp():
+    import orbax.checkpoint as ocp  # 0.2 s of imports that a fresh run does not need before its first save
+
+    return ocp
+
+
+def _finished_steps(directory: str) -> list[str]:
+    """Names of the finished step directories orbax would list (unfinished saves are ``*-tmp-*``)."""
+    return [name for name in os.listdir(directory) if name.isdigit()] if os.path.isdir(directory) else []
 
 
 def has_checkpoint(directory: str) -> bool:
     """Whether ``directory`` (a Checkpointer's) holds at least one finished latest step."""
-    latest = os.path.join(directory, "latest")
-    return os.path.isdir(latest) and any(name.isdigit() for name in os.listdir(latest))
+    return bool(_finished_steps(os.path.join(directory, "latest")))
 
 
 class Checkpointer:
@@ -32,25 +46,36 @@ class Checkpointer:
 
     def __init__(self, directory: str, keep: int = 3):
         self.directory = directory
-        options = dict(create=True, enable_async_checkpointing=True, cleanup_tmp_directories=True)
-        self._latest = ocp.CheckpointManager(
-            os.path.join(directory, "latest"), options=ocp.CheckpointManagerOptions(max_to_keep=keep, **options)
-        )
-        self._best = ocp.CheckpointManager(
-            os.path.join(directory, "best"), options=ocp.CheckpointManagerOptions(max_to_keep=1, **options)
-        )
-        self._best_accuracy = self._read_best_accuracy()
+        self._keep = {"latest": keep, "best": 1}
+        self._managers: dict[str, Any] = {}
         # Steps on disk at start-up. Decisions below use this set, never a fresh directory listing:
         # in a multi-host job a listing can differ between processes mid-save, and a process that
         # takes a different branch waits forever in orbax's cross-process barrier.
-        self._existing = {id(self._latest): set(self._latest.all_steps()), id(self._best): set(self._best.all_steps())}
+        self._existing: dict[str, set[int]] = {name: set() for name in _MANAGERS}
+        self._best_accuracy = -1.0
+        # Multi-host: every process builds the managers at the same point (orbax syncs in them).
+        if jax.process_count() > 1 or any(_finished_steps(os.path.join(directory, name)) for name in _MANAGERS):
+            self._existing = {name: set(self._manager(name).all_steps()) for name in _MANAGERS}
+            self._best_accuracy = self._read_best_accuracy()
+
+    def _manager(self, name: str):
+        """The orbax ``CheckpointManager`` for ``checkpoints/<name>``, built on first use."""
+        if name not in self._managers:
+            ocp = _ocp()
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=self._keep[name], create=True, enable_async_checkpointing=True, cleanup_tmp_directories=True
+            )
+            self._managers[name] = ocp.CheckpointManager(os.path.join(self.directory, name), options=options)
+        return self._managers[name]
 
     def _read_best_accuracy(self) -> float:
-        step = self._best.latest_step()
+        best = self._manager("best")
+        step = best.latest_step()
         if step is None:
             return -1.0
+        ocp = _ocp()
         try:
-            meta = self._best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            meta = best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             return float(meta.get("test_accuracy", -1.0))
         except Exception:  # a damaged best checkpoint: the next good one replaces it
             return -1.0
@@ -64,17 +89,18 @@ class Checkpointer:
         state = jax.tree.map(np.asarray, state)  # numpy scalars (np.int32) are not storable, 0-d arrays are
         if test_accuracy is not None:
             meta = {**meta, "test_accuracy": test_accuracy}
+        ocp = _ocp()
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        self._replace(self._latest, step, args)
+        self._replace("latest", step, args)
         if test_accuracy is not None and test_accuracy > self._best_accuracy:
             self._best_accuracy = test_accuracy
             # One manager's async save at a time: two concurrent saves of the same step by two
             # managers deadlocked orbax's multi-process barriers (seen with 2 processes).
-            self._latest.wait_until_finished()
-            self._replace(self._best, step, args)
+            self._manager("latest").wait_until_finished()
+            self._replace("best", step, args)
 
-    def _replace(self, manager: ocp.CheckpointManager, step: int, args) -> None:
-        existing = self._existing[id(manager)]
+    def _replace(self, name: str, step: int, args) -> None:
+        manager, existing = self._manager(name), self._existing[name]
         if step in existing:  # left by a run that could not restore it (damaged)
             manager.wait_until_finished()
             manager.delete(step)
@@ -83,10 +109,13 @@ class Checkpointer:
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
         """``(step, state, meta)`` of the newest checkpoint that restores, or None if there is none."""
+        if not self._existing["latest"] and "latest" not in self._managers:
+            return None  # nothing on disk at start-up, nothing saved since
+        ocp, latest = _ocp(), self._manager("latest")
         abstract_state = jax.tree.map(np.asarray, abstract_state)
-        for step in sorted(self._latest.all_steps(), reverse=True):
+        for step in sorted(latest.all_steps(), reverse=True):
             try:
-                restored = self._latest.restore(
+                restored = latest.restore(
                     step,
                     args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
                 )
@@ -95,22 +124,19 @@ class Checkpointer:
             except Exception as error:  # orbax raises several types for damaged steps
                 logging.warning(
                     "Checkpoint step %d in %s is damaged (%s: %s); falling back to an older step.",
-                    step, self._latest.directory, type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "",
+                    step, latest.directory, type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "",
                 )
         return None
 
-    def latest_steps(self) -> list[int]:
-        return list(self._latest.all_steps())
-
     def reached_preemption(self, step: int) -> bool:
         """True in a multi-host job once the cluster announced preemption (all hosts agree)."""
-        return jax.process_count() > 1 and self._latest.reached_preemption(step)
+        return jax.process_count() > 1 and self._manager("latest").reached_preemption(step)
 
     def wait(self) -> None:
-        self._latest.wait_until_finished()
-        self._best.wait_until_finished()
+        for manager in self._managers.values():
+            manager.wait_until_finished()
 
     def close(self) -> None:
         self.wait()
-        self._latest.close()
-        self._best.close()
+        for manager in self._managers.values():
+            manager.close()

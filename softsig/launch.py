@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+
+_IMPORTED_AT = time.perf_counter()
 
 YNN_OFF_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
 GLIBC_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296"
@@ -45,3 +48,19 @@ def describe_environment() -> dict[str, str]:
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "tuned_by_softsig": os.environ.get(_MARKER, "0"),
     }
+
+
+def seconds_since_process_start() -> float:
+    """Wall time since this process started, re-exec and imports included.
+
+    Linux keeps a process's start time across ``execve``, so this counts from the command
+    the user typed; elsewhere it counts from this module's import.
+    """
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED_AT

@@ -36,6 +36,9 @@ from softsig.parallel import REPLICATED
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a terminated job
 
 
+_first_step_reported = threading.Event()
+
+
 class Preempted(Exception):
     """The run saved a checkpoint and stopped because it was asked to (SIGTERM or the cluster)."""
 
@@ -234,6 +237,12 @@ def _train_and_evaluate(config: Config, workdir: str, show_progress: bool, sigte
             state, chunk_metrics = programs.train_chunk(state, train_data, epoch, step_in_epoch, num_steps)
             chunk_metrics = dp.get(chunk_metrics, REPLICATED)  # waits for the chunk
             seconds = time.perf_counter() - start_time
+            if not _first_step_reported.is_set():  # once per process (a study runs several)
+                _first_step_reported.set()
+                progress.message(
+                    f"First {num_steps} step(s) done {launch.seconds_since_process_start():.1f} s after the "
+                    "process started (imports, data, compilation included)."
+                )
             for seed, losses in zip(seeds, np.reshape(chunk_metrics["loss"], (len(seeds), -1))):
                 metrics_lib.check_finite(losses, step, seed=seed if vmap_seeds else None)
             step += num_steps

@@ -64,3 +64,30 @@ def test_damaged_newest_step_falls_back_to_the_previous_one(tmp_path, damage, ca
     step, state, _ = Checkpointer(str(tmp_path)).restore_latest(abstract())
     assert step == 2
     np.testing.assert_array_equal(state["params"]["w"], state_at(2)["params"]["w"])
+
+
+def test_fresh_directory_needs_orbax_only_from_the_first_save(tmp_path):
+    """A fresh run reaches its first step without importing orbax; the first save then works,
+    and the same Checkpointer restores what it saved."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+import numpy as np
+from softsig.checkpoint import Checkpointer, has_checkpoint
+ckpt = Checkpointer({str(tmp_path)!r})
+state = {{"w": np.arange(3, dtype=np.float32)}}
+assert ckpt.restore_latest(state) is None
+assert "orbax.checkpoint" not in sys.modules, "orbax imported before the first save"
+ckpt.save(7, {{"w": np.full(3, 7, np.float32)}}, {{"step": 7}}, test_accuracy=0.5)
+ckpt.wait()
+step, restored, meta = ckpt.restore_latest(state)
+assert step == 7 and restored["w"].tolist() == [7, 7, 7] and meta["test_accuracy"] == 0.5
+ckpt.close()
+assert has_checkpoint({str(tmp_path)!r})
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+    assert os.listdir(tmp_path / "best") == ["7"]

@@ -24,7 +24,6 @@ import random
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -200,18 +199,14 @@ def error_lines(stderr: str) -> list[str]:
 
 
 def tensorboard_scalars(workdir) -> dict[str, dict[int, float]]:
-    """``{tag: {step: value}}`` from the TFRecord event files under ``workdir/tensorboard``."""
-    from tensorboardX.proto import event_pb2
+    """``{tag: {step: value}}`` from the event files under ``workdir/tensorboard``, read by TensorFlow."""
+    tf = pytest.importorskip("tensorflow")
+    from tensorflow.core.util import event_pb2
 
     scalars: dict[str, dict[int, float]] = {}
     for path in sorted((Path(workdir) / "tensorboard").rglob("events.out.tfevents.*")):
-        data = path.read_bytes()
-        offset = 0
-        while offset + 12 <= len(data):
-            (length,) = struct.unpack("<Q", data[offset : offset + 8])
-            payload = data[offset + 12 : offset + 12 + length]
-            offset += 12 + length + 4
-            event = event_pb2.Event.FromString(payload)
+        for record in tf.data.TFRecordDataset(str(path)):
+            event = event_pb2.Event.FromString(record.numpy())
             for value in event.summary.value:
                 scalars.setdefault(value.tag, {})[event.step] = value.simple_value
     return scalars

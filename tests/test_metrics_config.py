@@ -2,6 +2,7 @@
 
 import io
 import json
+import math
 
 import pytest
 
@@ -99,3 +100,73 @@ def test_shape_flags_against_an_existing_run(tmp_path):
         config_lib.check_resumable(config_lib.Config(conv_blocks="16;32"), str(path))
     with pytest.raises(config_lib.ConfigError, match="--optimizer"):
         config_lib.check_resumable(config_lib.Config(optimizer="sgd"), str(path))
+
+
+def test_crc32c_known_values():
+    assert metrics.crc32c(b"") == 0
+    assert metrics.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    assert metrics.crc32c(bytes(32)) == 0x8A9136AA  # RFC 3720, B.4
+
+
+def read_events_with_tensorflow(path):
+    """Events parsed by TensorFlow's own TFRecord reader (checks both CRCs) and Event proto."""
+    tf = pytest.importorskip("tensorflow")
+    from tensorflow.core.util import event_pb2
+
+    return [event_pb2.Event.FromString(record.numpy()) for record in tf.data.TFRecordDataset(str(path))]
+
+
+def test_event_file_is_what_tensorflow_reads(tmp_path):
+    writer = metrics.EventFileWriter(str(tmp_path / "tb"))
+    writer.add_scalars(3, {"train_loss": 0.1, "test_error_rate": 0.25})
+    writer.add_scalars(2**40, {"train_loss": float("nan"), "lr": -1e-3})
+    writer.close()
+    events = read_events_with_tensorflow(writer.path)
+    assert events[0].file_version == "brain.Event:2" and events[0].wall_time > 1e9
+    assert [event.step for event in events[1:]] == [3, 2**40]
+    first = {value.tag: value.simple_value for value in events[1].summary.value}
+    assert first == {"train_loss": pytest.approx(0.1, rel=1e-7), "test_error_rate": 0.25}
+    second = {value.tag: value.simple_value for value in events[2].summary.value}
+    assert math.isnan(second["train_loss"]) and second["lr"] == pytest.approx(-1e-3, rel=1e-7)
+
+    data = bytearray(open(writer.path, "rb").read())
+    data[-5] ^= 1  # one flipped bit in the last event: TensorFlow's CRC check must catch it
+    (tmp_path / "bad").write_bytes(bytes(data))
+    with pytest.raises(Exception, match="(?i)corrupt|checksum|data ?loss"):
+        read_events_with_tensorflow(tmp_path / "bad")
+
+
+def test_metrics_writer_mirrors_numeric_scalars_to_tensorboard(tmp_path):
+    writer = metrics.MetricsWriter(str(tmp_path))
+    writer.write({"step": 5, "epoch": 0.5, "train_loss": 1.5, "train_accuracy": [0.1, 0.2], "note": "x", "flag": True})
+    writer.close()
+    (path,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    events = read_events_with_tensorflow(path)
+    assert [(event.step, [(v.tag, v.simple_value) for v in event.summary.value]) for event in events[1:]] == [
+        (5, [("train_loss", 1.5)])
+    ]
+
+
+def test_seconds_since_process_start_counts_from_the_command_across_a_reexec(tmp_path):
+    """The clock behind "time to first step" starts with the process, not with an import, and
+    survives the launcher's re-exec."""
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import os, sys, time\n"
+        "if not os.environ.get('REEXECED'):\n"
+        "    time.sleep(0.3)\n"
+        "    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, 'REEXECED': '1'})\n"
+        "time.sleep(0.2)\n"
+        "from softsig import launch\n"
+        "print(launch.seconds_since_process_start())\n"
+    )
+    (tmp_path / "script.py").write_text(script)
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, str(tmp_path / "script.py")], capture_output=True, text=True, timeout=60)
+    wall = time.monotonic() - start
+    assert result.returncode == 0, result.stderr[-2000:]
+    reported = float(result.stdout.strip().splitlines()[-1])
+    assert 0.5 <= reported <= wall + 0.02  # 10 ms clock ticks

@@ -31,7 +31,10 @@ def test_vmapped_seeds_equal_separate_runs(tmp_path, parallel):
         assert len(alone) == len(together) == 2
         for a, b in zip(alone, together):
             for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
-                np.testing.assert_allclose(b[key][index], a[key], rtol=2e-5, atol=1e-6, err_msg=key)
+                # Batched and unbatched programs sum in different orders, and Adam (g / sqrt(v))
+                # amplifies that where gradients are tiny: up to 5e-5 after 16 steps. A seed or
+                # data mix-up shows at 1e-2.
+                np.testing.assert_allclose(b[key][index], a[key], rtol=2e-4, atol=1e-6, err_msg=key)
             assert b["test_examples"][index] == a["test_examples"] == 100
     assert together[-1]["test_loss"][0] != together[-1]["test_loss"][1]  # the seeds really differ
 

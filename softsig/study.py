@@ -206,6 +206,28 @@ def _final_errors(run_dir: str) -> list[float]:
     return [float(v) for v in _per_seed(_eval_records(run_dir)[-1]["test_error_rate"])]
 
 
+STALL_RATIO = 1e-6
+
+
+def stalled_from_steps(train_records: Sequence[dict]) -> list[int | None]:
+    """Per seed: the step by which the global gradient norm fell below ``STALL_RATIO`` x its first
+    value and stayed there to the end, or None. Such a run has stopped learning for good (dead
+    ReLUs or saturated outputs), so its final error says nothing about the head's best."""
+    if not train_records or "grad_norm" not in train_records[0]:
+        return []
+    norms_SD = np.asarray([_per_seed(r["grad_norm"]) for r in train_records], np.float64).T
+    steps = [r["step"] for r in train_records]
+    stalled: list[int | None] = []
+    for norms in norms_SD:
+        low = norms < STALL_RATIO * norms[0]
+        if not low[-1]:
+            stalled.append(None)
+            continue
+        first_low = len(low) - int(np.argmin(low[::-1]))  # start of the trailing run of low norms
+        stalled.append(int(steps[first_low if not low.all() else 0]))
+    return stalled
+
+
 def collect_results(workdir: str, losses: Sequence[str], extra_rates: Sequence[float] = ()) -> dict[str, Any]:
     """results.json's content, from each run's config.json and metrics.jsonl."""
     per_loss: dict[str, Any] = {}
@@ -230,6 +252,7 @@ def collect_results(workdir: str, losses: Sequence[str], extra_rates: Sequence[f
             "final_test_error": summarize(final_errors),
             "final_test_loss": summarize([row[-1] for row in per_seed["test_loss"]]),
             "learning_rate": config["learning_rate"],
+            "stalled_from_step": stalled_from_steps(train_records),
             "grad_norms": {  # per layer, per dispatch, mean over seeds
                 "steps": [r["step"] for r in train_records] if layers else [],
                 "layers": {layer: [float(np.mean(_per_seed(r[f"grad_norm_{layer}"]))) for r in train_records]
@@ -429,6 +452,16 @@ def findings(results: dict) -> list[str]:
                 f"{LABELS.get(paired_best['subtrahend'])}): {100 * summary['mean']:+.2f} pp, 95% CI "
                 f"[{100 * low:+.2f}, {100 * high:+.2f}] pp ("
                 + ("excludes zero)." if low > 0 or high < 0 else "includes zero).")
+            )
+    for loss, r in losses.items():
+        stalled = [(seed, step, row[-1]) for seed, step, row in
+                   zip(r["seeds"], r.get("stalled_from_step", []), r["per_seed"]["test_error_rate"]) if step is not None]
+        if stalled:
+            lines.append(
+                f"{LABELS.get(loss, loss)}: {len(stalled)} of {len(r['seeds'])} seeds stopped learning (gradient norm "
+                f"below {STALL_RATIO:g} of its first value, for good: dead ReLUs or saturated outputs): "
+                + ", ".join(f"seed {seed} by step {step} (final test error {_pct(error)})" for seed, step, error in stalled)
+                + ". The mean final error above includes them."
             )
     for loss, r in losses.items():
         first = np.mean([row[0] for row in r["per_seed"]["train_loss"]])

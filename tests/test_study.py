@@ -136,3 +136,35 @@ def test_one_run_per_seed_gives_the_vmapped_results(tmp_path):
 def test_resolve_vmap_seeds():
     assert study.resolve_vmap_seeds(True) is True and study.resolve_vmap_seeds(False) is False
     assert study.resolve_vmap_seeds(None) is False  # these tests run on CPU
+
+
+def test_stalled_seeds_are_found_from_the_gradient_norms():
+    records = [{"step": step, "grad_norm": norms} for step, norms in zip(
+        (50, 100, 150, 200, 250),
+        ([1.0, 2.0, 1.0], [0.5, 1e-9, 0.4], [1e-8, 0.1, 0.3], [0.0, 1e-9, 0.2], [0.0, 0.0, 0.1]),
+    )]
+    # seed 0: low from step 150 on; seed 1: low at 100, recovers, low again from 200; seed 2 never.
+    assert study.stalled_from_steps(records) == [150, 200, None]
+    assert study.stalled_from_steps([{"step": 10, "grad_norm": 3.0}, {"step": 20, "grad_norm": 1e-7}]) == [20]
+    assert study.stalled_from_steps([{"step": 10, "train_loss": 1.0}]) == []  # runs from before grad norms
+    assert study.stalled_from_steps([]) == []
+
+
+@pytest.mark.parametrize("size", ["15k", "50k"])
+def test_committed_reports_regenerate_and_stalled_seeds_are_reported(size):
+    """The committed CIFAR-10 reports are what the current code renders from their results.json
+    (no seed stalled there); a stalled seed adds a finding with its step and final error."""
+    directory = os.path.join(ROOT, "results", f"cifar10-jpeg75-{size}")
+    results = json.loads(open(os.path.join(directory, "results.json")).read())
+    plot_names = {key: f"{key}.png" for key in ("loss_curves", "test_error", "final_test_error", "grad_norms")
+                  if os.path.exists(os.path.join(directory, f"{key}.png"))}
+    assert study.render_report(results, plot_names) == open(os.path.join(directory, "report.md")).read()
+    mse = results["losses"]["sigmoid_mse"]
+    mse["stalled_from_step"] = [None, 120, None]
+    lines = [line for line in study.findings(results) if "stopped learning" in line]
+    error = mse["per_seed"]["test_error_rate"][1][-1]
+    assert lines == [
+        f"sigmoid + MSE: 1 of 3 seeds stopped learning (gradient norm below 1e-06 of its first value, for good: "
+        f"dead ReLUs or saturated outputs): seed {mse['seeds'][1]} by step 120 (final test error {100 * error:.2f}%). "
+        "The mean final error above includes them."
+    ]

@@ -170,3 +170,18 @@ def test_seconds_since_process_start_counts_from_the_command_across_a_reexec(tmp
     assert result.returncode == 0, result.stderr[-2000:]
     reported = float(result.stdout.strip().splitlines()[-1])
     assert 0.5 <= reported <= wall + 0.02  # 10 ms clock ticks
+
+
+def test_tensorboard_itself_reads_the_scalars(tmp_path):
+    """When TensorBoard is installed (not a dependency), its own loader sees every scalar."""
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    writer = metrics.MetricsWriter(str(tmp_path))
+    for step in (10, 20):
+        writer.write({"step": step, "epoch": step / 20, "train_loss": 1.0 / step})
+    writer.write({"step": 20, "epoch": 1.0, "test_error_rate": 0.25})
+    writer.close()
+    loaded = accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    loaded.Reload()
+    assert sorted(loaded.Tags()["scalars"]) == ["test_error_rate", "train_loss"]
+    assert [(e.step, e.value) for e in loaded.Scalars("train_loss")] == [(10, pytest.approx(0.1)), (20, pytest.approx(0.05))]
+    assert [(e.step, e.value) for e in loaded.Scalars("test_error_rate")] == [(20, 0.25)]

@@ -194,16 +194,19 @@ def load_run(run_dir: str) -> tuple[dict, list[dict]]:
     return described, records
 
 
-def _eval_records(run_dir: str) -> list[dict]:
-    return [r for r in load_run(run_dir)[1] if "test_loss" in r]
+def _train_records(records: Sequence[dict]) -> list[dict]:
+    return [r for r in records if "train_loss" in r and "test_loss" not in r]
 
 
 def _per_seed(value: Any) -> list[float]:
     return [float(v) for v in value] if isinstance(value, list) else [float(value)]
 
 
-def _final_errors(run_dir: str) -> list[float]:
-    return [float(v) for v in _per_seed(_eval_records(run_dir)[-1]["test_error_rate"])]
+def _final_errors_and_stalls(run_dir: str) -> tuple[list[float], list[int | None]]:
+    """A finished run's final test error and ``stalled_from_steps``, per seed."""
+    records = load_run(run_dir)[1]
+    final_eval = [r for r in records if "test_loss" in r][-1]
+    return [float(v) for v in _per_seed(final_eval["test_error_rate"])], stalled_from_steps(_train_records(records))
 
 
 STALL_RATIO = 1e-6
@@ -242,7 +245,7 @@ def collect_results(workdir: str, losses: Sequence[str], extra_rates: Sequence[f
         seeds = list(range(config["seed"], config["seed"] + config.get("num_seeds", 1)))
         names = PER_EPOCH_METRICS + tuple(name for name in DIAGNOSTICS if all(name in r for r in records))
         per_seed = {name: np.asarray([_per_seed(r[name]) for r in records]).T.tolist() for name in names}
-        train_records = [r for r in all_records if "train_loss" in r and "test_loss" not in r]
+        train_records = _train_records(all_records)
         layers = sorted(k[len("grad_norm_"):] for k in train_records[0] if k.startswith("grad_norm_")) if train_records else []
         final_errors = [row[-1] for row in per_seed["test_error_rate"]]
         per_loss[loss] = {
@@ -275,13 +278,15 @@ def collect_results(workdir: str, losses: Sequence[str], extra_rates: Sequence[f
     if extra_rates:
         sweep = {}
         for loss in per_loss:
-            base_errors = [row[-1] for row in per_loss[loss]["per_seed"]["test_error_rate"]]  # already read
-            rates = {per_loss[loss]["learning_rate"]: base_errors}
-            rates.update({rate: _final_errors(sweep_dir(workdir, loss, rate)) for rate in extra_rates})
-            best = min(rates, key=lambda rate: np.mean(rates[rate]))
+            base = per_loss[loss]  # already read
+            rates = {base["learning_rate"]: ([row[-1] for row in base["per_seed"]["test_error_rate"]],
+                                             base["stalled_from_step"])}
+            rates.update({rate: _final_errors_and_stalls(sweep_dir(workdir, loss, rate)) for rate in extra_rates})
+            best = min(rates, key=lambda rate: np.mean(rates[rate][0]))
             sweep[loss] = {"learning_rates": sorted(rates), "final_test_error": {
-                f"{rate:g}": summarize(rates[rate]) for rate in sorted(rates)}, "best_learning_rate": best,
-                "best_final_errors": rates[best]}
+                f"{rate:g}": summarize(rates[rate][0]) for rate in sorted(rates)}, "best_learning_rate": best,
+                "best_final_errors": rates[best][0],
+                "stalled_from_step": {f"{rate:g}": rates[rate][1] for rate in sorted(rates)}}
         results["lr_sweep"] = sweep
         if len(sweep) == 2:
             first, second = list(sweep)
@@ -454,15 +459,15 @@ def findings(results: dict) -> list[str]:
                 + ("excludes zero)." if low > 0 or high < 0 else "includes zero).")
             )
     for loss, r in losses.items():
-        stalled = [(seed, step, row[-1]) for seed, step, row in
-                   zip(r["seeds"], r.get("stalled_from_step", []), r["per_seed"]["test_error_rate"]) if step is not None]
-        if stalled:
-            lines.append(
-                f"{LABELS.get(loss, loss)}: {len(stalled)} of {len(r['seeds'])} seeds stopped learning (gradient norm "
-                f"below {STALL_RATIO:g} of its first value, for good: dead ReLUs or saturated outputs): "
-                + ", ".join(f"seed {seed} by step {step} (final test error {_pct(error)})" for seed, step, error in stalled)
-                + ". The mean final error above includes them."
-            )
+        errors = [row[-1] for row in r["per_seed"]["test_error_rate"]]
+        line = _stall_finding(LABELS.get(loss, loss), r["seeds"], r.get("stalled_from_step", []), errors)
+        if line:
+            lines.append(line + " The mean final error above includes them.")
+    for loss, s in (sweep or {}).items():
+        for rate, stalled in s.get("stalled_from_step", {}).items():
+            line = _stall_finding(f"{LABELS.get(loss, loss)} at lr {rate}", losses[loss]["seeds"], stalled)
+            if line and float(rate) != losses[loss]["learning_rate"]:  # the base rate's line is above
+                lines.append(line)
     for loss, r in losses.items():
         first = np.mean([row[0] for row in r["per_seed"]["train_loss"]])
         last = np.mean([row[-1] for row in r["per_seed"]["test_loss"]])
@@ -475,6 +480,19 @@ def findings(results: dict) -> list[str]:
         ce = np.mean([row[-1] for row in losses["softmax_cross_entropy"]["per_seed"]["test_loss"]])
         lines.append(f"The final test losses differ in scale by {ce / mse:.1f}x (CE / MSE): compare them on separate axes.")
     return lines
+
+
+def _stall_finding(label: str, seeds: Sequence[int], stalled_steps: Sequence[int | None],
+                   final_errors: Sequence[float] | None = None) -> str | None:
+    stalled = [(i, seed, step) for i, (seed, step) in enumerate(zip(seeds, stalled_steps)) if step is not None]
+    if not stalled:
+        return None
+    return (
+        f"{label}: {len(stalled)} of {len(seeds)} seeds stopped learning (gradient norm below {STALL_RATIO:g} of its "
+        "first value, for good: dead ReLUs or saturated outputs): "
+        + ", ".join(f"seed {seed} by step {step}" + (f" (final test error {_pct(final_errors[i])})" if final_errors else "")
+                    for i, seed, step in stalled) + "."
+    )
 
 
 def render_report(results: dict, plot_names: dict[str, str]) -> str:

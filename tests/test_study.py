@@ -163,8 +163,21 @@ def test_committed_reports_regenerate_and_stalled_seeds_are_reported(size):
     mse["stalled_from_step"] = [None, 120, None]
     lines = [line for line in study.findings(results) if "stopped learning" in line]
     error = mse["per_seed"]["test_error_rate"][1][-1]
-    assert lines == [
+    base_line = (
         f"sigmoid + MSE: 1 of 3 seeds stopped learning (gradient norm below 1e-06 of its first value, for good: "
         f"dead ReLUs or saturated outputs): seed {mse['seeds'][1]} by step 120 (final test error {100 * error:.2f}%). "
         "The mean final error above includes them."
-    ]
+    )
+    assert lines == [base_line]
+    errors = [row[-1] for row in mse["per_seed"]["test_error_rate"]]
+    results["lr_sweep"] = {"sigmoid_mse": {  # a swept rate where every seed stalled
+        "learning_rates": [0.001, 0.003], "best_learning_rate": 0.001, "best_final_errors": errors,
+        "final_test_error": {"0.001": study.summarize(errors), "0.003": study.summarize([0.9, 0.9, 0.9])},
+        "stalled_from_step": {"0.001": [None, 120, None], "0.003": [117, 117, 234]},
+    }}
+    lines = [line for line in study.findings(results) if "stopped learning" in line]
+    assert lines == [base_line, (
+        "sigmoid + MSE at lr 0.003: 3 of 3 seeds stopped learning (gradient norm below 1e-06 of its first value, "
+        f"for good: dead ReLUs or saturated outputs): seed {mse['seeds'][0]} by step 117, seed {mse['seeds'][1]} "
+        f"by step 117, seed {mse['seeds'][2]} by step 234."
+    )]

@@ -289,8 +289,8 @@ def time_split(batch):
     from softsig import data, losses, models, run, train
 
     config = config_lib.Config(batch_size=batch, dataset="synthetic").validate()
-    graphdef, state = train.init_train_state(run.model_config_for(config, data.SYNTHETIC_INFO), train.make_optimizer("adam", 1e-3), 0)
     tx, loss = train.make_optimizer("adam", 1e-3), losses.get_loss(config.loss)
+    graphdef, state = train.init_train_state(run.model_config_for(config, data.SYNTHETIC_INFO), tx, 0)
     batch_data = {"images": jax.random.normal(jax.random.key(1), (batch, 32, 32, 3)),
                   "labels": jax.random.randint(jax.random.key(2), (batch,), 0, 10)}
 

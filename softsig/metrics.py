@@ -30,6 +30,11 @@ def check_finite(losses: Any, first_step: int, seed: int | None = None) -> None:
             )
 
 
+def is_scalar_metric(name: str, value: Any) -> bool:
+    """A record field that is one number per run (not ``step``/``epoch``, not a flag or a list)."""
+    return name not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 class MetricsWriter:
     """Appends one JSON object per line to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
 
@@ -62,10 +67,7 @@ class MetricsWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
             f.flush()
-        scalars = {
-            name: float(value) for name, value in record.items()
-            if name not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool)
-        }
+        scalars = {name: float(value) for name, value in record.items() if is_scalar_metric(name, value)}
         if scalars:
             if self._tensorboard is None:
                 self._tensorboard = EventFileWriter(os.path.join(self._workdir, "tensorboard"))

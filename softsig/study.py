@@ -26,6 +26,7 @@ import numpy as np
 
 from softsig.config import Config, ConfigError
 from softsig.losses import LOSS_NAMES
+from softsig.metrics import is_scalar_metric, read_metrics
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
@@ -161,12 +162,6 @@ def run_study(
     return results
 
 
-def read_metrics(run_dir: str) -> list[dict]:
-    from softsig.metrics import read_metrics as read
-
-    return read(run_dir)
-
-
 def load_run(run_dir: str) -> tuple[dict, list[dict]]:
     """``(config.json, metrics records)`` of a study run in either seed layout.
 
@@ -188,7 +183,7 @@ def load_run(run_dir: str) -> tuple[dict, list[dict]]:
     for group in zip(*per_seed):  # records a seed has not written yet are left out
         merged = dict(group[0])
         for name, value in group[0].items():
-            if name not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if is_scalar_metric(name, value):
                 merged[name] = [record.get(name) for record in group]
         records.append(merged)
     return described, records
@@ -223,11 +218,10 @@ def stalled_from_steps(train_records: Sequence[dict]) -> list[int | None]:
     stalled: list[int | None] = []
     for norms in norms_SD:
         low = norms < STALL_RATIO * norms[0]
-        if not low[-1]:
-            stalled.append(None)
-            continue
-        first_low = len(low) - int(np.argmin(low[::-1]))  # start of the trailing run of low norms
-        stalled.append(int(steps[first_low if not low.all() else 0]))
+        start = len(low)  # the trailing run of low norms begins at records[start]
+        while start > 0 and low[start - 1]:
+            start -= 1
+        stalled.append(int(steps[start]) if start < len(low) else None)
     return stalled
 
 
